@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make repro` (set up + run the pipeline), `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup repro test bench clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+repro: setup
+	dvc repro
+	dvc metrics show
+
+test: setup
+	pytest
+
+bench: setup
+	python benchmarks/bench_data.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""DVC stages (`python -m stages.<name>`) and the data code they share."""
