@@ -1,0 +1,29 @@
+"""Dataset adapters: each turns one source (a generator, FashionIQ, COCO, ...) into the two manifests.
+
+An adapter is a module exposing
+    Config                        a `@section` dataclass for its own params subsection `dataset.<name>`
+    build(cfg, out_dir: Path)     writes image files under `out_dir/images/` and returns the
+                                  (images, queries) tables of `stages.manifest`, with image paths
+                                  relative to `out_dir` (e.g. `images/<image_id>.png`)
+
+Adding a dataset means adding a module here and a line to ADAPTERS; the `prepare` stage stays the same.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from stages.params import ParamsError
+
+# Imported lazily so that an adapter's heavy or optional dependencies load only when it is chosen.
+ADAPTERS: dict[str, str] = {
+    "shapes": "stages.datasets.shapes",
+}
+
+
+def load_adapter(name: str) -> ModuleType:
+    """The adapter module registered under `name`; an unknown name is a ParamsError on `dataset.name`."""
+    if name not in ADAPTERS:
+        known = ", ".join(sorted(ADAPTERS))
+        raise ParamsError(f"dataset.name: unknown dataset {name!r}; known adapters: {known}")
+    return importlib.import_module(ADAPTERS[name])

@@ -1,0 +1,84 @@
+"""Stage `prepare`: build the chosen dataset into images + the two manifests.
+
+    python -m stages.prepare --out data/prepared
+
+Reads only the `dataset` section of params.yaml: `dataset.name` picks an adapter under
+stages/datasets/, and `dataset.<name>` is that adapter's own params. The output directory
+appears only once it is complete:
+
+    <out>/images/...        the image files
+    <out>/images.parquet    image manifest (see stages.manifest)
+    <out>/queries.parquet   query manifest
+    <out>/<extra files>     whatever the adapter records (shapes: shapes.json)
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pyarrow as pa
+
+from stages import manifest
+from stages.atomic import staged_dir
+from stages.cli import run_stage
+from stages.datasets import ADAPTERS, load_adapter
+from stages.params import PARAMS_FILE, ParamsError, parse, read_yaml
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    name: str
+    adapter: ModuleType
+    config: Any  # the adapter's Config
+
+
+def load_dataset_params(path: Path | str = PARAMS_FILE) -> DatasetParams:
+    """Parse `dataset.name`, then the chosen adapter's subsection `dataset.<name>` with its Config."""
+    raw = read_yaml(Path(path))
+    dataset = raw.get("dataset")
+    if not isinstance(dataset, dict):
+        raise ParamsError(f"{path}: section 'dataset' is missing or not a mapping")
+    # Subsections of adapters other than the chosen one may stay, so `-S dataset.name=...` switches.
+    for key in dataset:
+        if key != "name" and key not in ADAPTERS:
+            raise ParamsError(f"{path}: dataset.{key}: unknown key (expected 'name' or one of {sorted(ADAPTERS)})")
+    name = dataset.get("name")
+    if not isinstance(name, str):
+        raise ParamsError(f"{path}: dataset.name: expected the name of an adapter, got {name!r}")
+    try:
+        adapter = load_adapter(name)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    if name not in dataset:
+        raise ParamsError(f"{path}: dataset.{name}: missing (the params of the '{name}' adapter)")
+    return DatasetParams(name, adapter, parse(adapter.Config, f"dataset.{name}", dataset[name], path))
+
+
+def per_split(table: pa.Table) -> str:
+    """E.g. 'novel=2000 test=1997 train=15913': the table's rows counted per split."""
+    counts = Counter(table.column("split").to_pylist())
+    return " ".join(f"{split}={counts[split]}" for split in sorted(counts))
+
+
+def prepare(out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
+    """Build the dataset into `out`; returns a one-line summary."""
+    params = load_dataset_params(params_path)
+    with staged_dir(out) as work:
+        images, queries = params.adapter.build(params.config, work)
+        manifest.write(work, images, queries)
+    return f"prepare {params.name}: images {per_split(images)}; queries {per_split(queries)} -> {out}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. data/prepared")
+    args = parser.parse_args(argv)
+    run_stage(lambda: print(prepare(args.out)))
+
+
+if __name__ == "__main__":
+    main()
