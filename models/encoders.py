@@ -1,0 +1,59 @@
+"""Image and text encoders of TIRG (Vo et al., CVPR 2019) as released in google/tirg."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """A few conv-BN-ReLU-maxpool stages, flattened (not pooled) so the grid position survives.
+
+    Sized for the embedded `shapes` scenes, where "top-left" vs "centre" is part of the query.
+    """
+
+    def __init__(self, channels: list[int], image_size: int, out_dim: int):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        side = image_size // 2 ** len(channels)
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for {len(channels)} pooling stages")
+        self.fc = nn.Linear(c_in * side * side, out_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(images).flatten(1))
+
+
+class ResNet18Encoder(nn.Module):
+    """torchvision ResNet-18, adaptive average pool to 1x1, `fc` replaced by Linear(512 -> d)."""
+
+    def __init__(self, out_dim: int, state_dict: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.backbone = torchvision.models.resnet18(weights=None)
+        if state_dict is not None:  # ImageNet weights, read from a local file by the caller
+            self.backbone.load_state_dict(state_dict)
+        self.backbone.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.backbone.fc = nn.Linear(512, out_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+
+class LSTMTextEncoder(nn.Module):
+    """Embedding -> 1-layer LSTM -> output at the last real token -> Dropout -> Linear."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, batch_first=True)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        outputs, _ = self.lstm(self.embedding(tokens))  # zero initial state
+        last = outputs[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
+        return self.head(last)

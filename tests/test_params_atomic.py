@@ -1,0 +1,78 @@
+import pytest
+import yaml
+
+from stages.atomic import atomic_path, partial_dir, staged_dir, write_json
+from stages.evaluate import EvaluateConfig
+from stages.params import ParamsError, load, parse
+from stages.train import TrainConfig
+from stages.training import LoopConfig
+
+
+def repo_params():
+    with open("params.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def test_every_section_of_the_repository_params_parses():
+    raw = repo_params()
+    parse(LoopConfig, "pretrain", raw["pretrain"])
+    parse(TrainConfig, "train", raw["train"])
+    parse(EvaluateConfig, "evaluate", raw["evaluate"])
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"lr": -0.1}, r"train\.lr: Input should be greater than 0"),
+        ({"lr": "0.1"}, r"train\.lr: Input should be a valid number"),
+        ({"steps": 10.5}, r"train\.steps: Input should be a valid integer"),
+        ({"offline_negatives": "yes"}, r"train\.offline_negatives: Input should be a valid boolean"),
+        ({"loss": "hinge"}, r"train\.loss: Input should be 'bbc' or 'soft_triplet'"),
+        ({"learning_rate": 0.1}, r"train\.learning_rate: unknown key"),
+        ({"loss": "soft_triplet", "batch_size": 400}, r"train\.batch_size: soft_triplet"),
+    ],
+)
+def test_bad_train_params_name_the_key(change, message):
+    raw = {**repo_params()["train"], **change}
+    with pytest.raises(ParamsError, match=message):
+        parse(TrainConfig, "train", raw)
+
+
+def test_missing_key_and_section_are_named(tmp_path):
+    raw = repo_params()["evaluate"]
+    raw.pop("ks")
+    with pytest.raises(ParamsError, match="evaluate.*ks"):
+        parse(EvaluateConfig, "evaluate", raw)
+    (tmp_path / "p.yaml").write_text("train: {}\n")
+    with pytest.raises(ParamsError, match="missing section 'evaluate'"):
+        load(EvaluateConfig, "evaluate", tmp_path / "p.yaml")
+    with pytest.raises(ParamsError, match="evaluate.ks: must be increasing"):
+        parse(EvaluateConfig, "evaluate", {**repo_params()["evaluate"], "ks": [10, 1]})
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    write_json(target, {"a": 1})
+    assert target.read_text().strip() == '{\n  "a": 1\n}'
+
+
+def test_staged_dir_appears_only_when_complete_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_dir(out, resume_key="k1") as work:
+            (work / "done.txt").write_text("kept")
+            raise RuntimeError("crash")
+    assert not out.exists()
+    assert (partial_dir(out, "k1") / "done.txt").read_text() == "kept"
+    with staged_dir(out, resume_key="k1") as work:
+        assert (work / "done.txt").exists()  # the crashed run's work is there to resume
+    assert (out / "done.txt").exists() and not partial_dir(out, "k1").exists()
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as work:
+            raise RuntimeError("crash")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

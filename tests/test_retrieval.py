@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from stages.mine import MineConfig, mine, read_negatives, to_table
+from stages.retrieval import chunked_topk, harmonic_mean, recall_at_k
+
+
+def test_recall_at_k_on_hand_built_embeddings():
+    # gallery: 4 orthogonal directions; queries point at known gallery rows
+    gallery = torch.eye(4)
+    queries = torch.tensor([[1.0, 0.1, 0, 0], [0, 0.2, 1.0, 0], [0.9, 0, 0, 1.0], [0, 1.0, 0.5, 0]])
+    targets = torch.tensor([0, 3, 3, 2])
+    # rankings: q0 -> 0,1,.. ; q1 -> 2,1,.. (target 3 is tied last) ; q2 -> 3,0 ; q3 -> 1,2
+    _, ranked = chunked_topk(queries, gallery, k=4)
+    assert ranked[0, 0] == 0 and ranked[1, :2].tolist() == [2, 1] and ranked[2, :2].tolist() == [3, 0]
+    recalls = recall_at_k(ranked, targets, [1, 2, 4])
+    assert recalls == {"r1": 0.5, "r2": 0.75, "r4": 1.0}
+
+
+def test_excluded_reference_is_never_retrieved():
+    gallery = torch.eye(3)
+    queries = torch.tensor([[1.0, 0.5, 0.0]])
+    _, ranked = chunked_topk(queries, gallery, k=2, exclude=torch.tensor([[0]]))
+    assert ranked.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("query_chunk,gallery_chunk", [(7, 5), (1000, 1000), (1, 64)])
+def test_chunked_topk_matches_brute_force(query_chunk, gallery_chunk):
+    g = torch.Generator().manual_seed(0)
+    queries, gallery = torch.randn(53, 16, generator=g), torch.randn(97, 16, generator=g)
+    exclude = torch.randint(0, 97, (53, 2), generator=g)
+    exclude[::3, 1] = -1  # padding
+    scores, indices = chunked_topk(queries, gallery, 10, exclude, query_chunk, gallery_chunk)
+    full = queries @ gallery.T
+    for row in range(53):
+        for col in exclude[row].tolist():
+            if col >= 0:
+                full[row, col] = float("-inf")
+    expected_scores, expected_indices = full.topk(10, dim=1)
+    assert torch.equal(indices, expected_indices)
+    assert torch.allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_recall_needs_enough_ranked_results():
+    with pytest.raises(ValueError, match="recall@5"):
+        recall_at_k(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), [1, 5])
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(60.0, 40.0) == pytest.approx(48.0)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_mining_matches_brute_force_and_never_returns_the_target(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    queries, gallery = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
+    targets = torch.randint(0, 30, (40,), generator=g)
+    cfg = MineConfig(k=5, query_chunk=6, gallery_chunk=7, batch_size=8, device="cpu")
+    scores, indices = mine(queries, targets, gallery, cfg)
+    for row in range(40):
+        sims = queries[row] @ gallery.T
+        sims[targets[row]] = float("-inf")
+        assert indices[row].tolist() == sims.topk(5).indices.tolist()
+        assert targets[row].item() not in indices[row].tolist()
+    gallery_ids = [f"img{i}" for i in range(30)]
+    query_ids = [f"q{i}" for i in range(40)]
+    path = tmp_path / "neg.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(to_table(query_ids, gallery_ids, scores, indices), path)
+    negatives = read_negatives(path)
+    assert negatives["q3"] == [gallery_ids[i] for i in indices[3].tolist()]
+    assert len(negatives) == 40 and all(len(v) == 5 for v in negatives.values())
