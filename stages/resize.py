@@ -1,0 +1,265 @@
+"""Stage `resize`: every image to one square size and one format; unreadable images are reported.
+
+    python -m stages.resize --input data/prepared --output data/resized
+
+Reads only the `resize` section of params.yaml. The output directory appears only once complete:
+
+    <out>/images/...        the resized files: same relative names as the input, new extension
+    <out>/images.parquet    the input manifest without corrupt images, paths updated
+    <out>/queries.parquet   the input queries without those that name a corrupt image
+    <out>/report.json       counts, and every corrupt image with its path and error
+
+A crashed run is resumed: the work directory is keyed by the params and the input manifest, and
+images whose resized file is already there are not computed again.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import pyarrow as pa
+from PIL import Image, ImageFile
+from pydantic import Field
+from tqdm import tqdm
+from typing_extensions import Annotated
+
+from stages import manifest
+from stages.atomic import staged_dir, write_bytes, write_json
+from stages.cli import StageError, run_stage
+from stages.params import PARAMS_FILE, load, section
+
+REPORT_FILE = "report.json"
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg"}
+# What Pillow raises for a file that is missing, truncated, not an image or otherwise undecodable
+# (a broken PNG chunk is a SyntaxError); anything else is a bug and stops the stage.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@section
+class ResizeConfig:
+    size: Annotated[int, Field(gt=0)]
+    mode: Literal["center_crop", "pad"]
+    pad_value: Annotated[int, Field(ge=0, le=255)]
+    format: Literal["png", "jpeg"]
+    jpeg_quality: Annotated[int, Field(ge=1, le=95)]
+    workers: Annotated[int, Field(ge=0)]  # 0 = os.cpu_count()
+
+
+@dataclass(frozen=True)
+class Job:
+    image_id: str
+    path: str  # as written in the input manifest
+    source: Path  # the input file
+    target: Path  # the resized file, inside the work directory
+
+
+@dataclass(frozen=True)
+class Failure:
+    image_id: str
+    path: str  # as written in the input manifest
+    error: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    images_in: int
+    images_out: int
+    resized: int
+    resumed: int
+    corrupt: int
+    queries_in: int
+    queries_out: int
+    seconds: float
+
+    def line(self, output: Path | str) -> str:
+        rate = self.resized / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"resize: images {self.images_in} in, {self.images_out} out ({self.resumed} resumed), "
+            f"{self.corrupt} corrupt; queries {self.queries_in} in, {self.queries_out} out; "
+            f"{self.seconds:.1f} s, {rate:.0f} images/s -> {output}"
+        )
+
+
+# --- one image ---------------------------------------------------------------------------------
+
+
+def square(img: Image.Image, size: int, mode: str, pad_value: int) -> Image.Image:
+    """An RGB size x size image; aspect ratio kept (crop the centre, or pad around it)."""
+    img = img.convert("RGB")
+    width, height = img.size
+    if mode == "center_crop":
+        scale = size / min(width, height)
+        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+        img = img.resize(new_size, Image.Resampling.BICUBIC)
+        left, top = (new_size[0] - size) // 2, (new_size[1] - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    scale = size / max(width, height)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    img = img.resize(new_size, Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (size, size), (pad_value,) * 3)
+    canvas.paste(img, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    return canvas
+
+
+def encode(img: Image.Image, fmt: str, jpeg_quality: int) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "jpeg":
+        img.save(buffer, "JPEG", quality=jpeg_quality)
+    else:
+        img.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def resize_file(job: Job, cfg: ResizeConfig) -> str | None:
+    """Resize one file into `job.target` (atomically); returns the error text if it cannot be read."""
+    try:
+        with Image.open(job.source) as img:
+            img.load()  # decode everything now, so a truncated file fails here
+            result = square(img, cfg.size, cfg.mode, cfg.pad_value)
+    except UNREADABLE as err:
+        return f"{type(err).__name__}: {err}"
+    write_bytes(job.target, encode(result, cfg.format, cfg.jpeg_quality))
+    return None
+
+
+# --- the whole set -----------------------------------------------------------------------------
+
+
+def resume_key(cfg: ResizeConfig, input_dir: Path) -> str:
+    """Everything the resized files depend on: the params and the input image manifest."""
+    digest = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode())
+    digest.update((input_dir / manifest.IMAGES_FILE).read_bytes())
+    return digest.hexdigest()
+
+
+def output_path(input_path: str, fmt: str) -> str:
+    """The input's relative path with the format's extension, e.g. images/a/b.jpeg -> images/a/b.png."""
+    path = PurePosixPath(input_path)
+    if path.is_absolute() or ".." in path.parts:
+        raise StageError(f"image path {input_path!r} must stay inside the manifest's directory")
+    return str(path.with_suffix(EXTENSIONS[fmt]))
+
+
+def plan_outputs(images: pa.Table, fmt: str) -> dict[str, str]:
+    """image_id -> output relative path; two inputs that would land on one file are an error."""
+    outputs, owner = {}, {}
+    for image_id, path in zip(images.column("image_id").to_pylist(), images.column("path").to_pylist()):
+        out = output_path(path, fmt)
+        if out in owner:
+            raise StageError(f"images {owner[out]!r} and {image_id!r} would both be resized to {out}")
+        owner[out] = image_id
+        outputs[image_id] = out
+    return outputs
+
+
+def remove_stale_temp_files(work: Path) -> None:
+    """A killed run can leave the hidden temp files of stages.atomic; they must not reach the output."""
+    for tmp in work.rglob(".*.tmp-*"):
+        tmp.unlink()
+
+
+def worker_count(requested: int, jobs: int) -> int:
+    return max(1, min(requested or os.cpu_count() or 1, jobs))
+
+
+def run_jobs(fn: Callable[[Job], str | None], jobs: list[Job], workers: int) -> Iterator[str | None]:
+    """fn over jobs, in order; one worker runs in this process (no pool start-up, easy to debug)."""
+    if workers == 1:
+        yield from map(fn, jobs)
+        return
+    chunksize = max(1, min(64, len(jobs) // (workers * 8)))
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(fn, jobs, chunksize=chunksize)
+
+
+def resize_all(jobs: list[Job], cfg: ResizeConfig) -> list[Failure]:
+    """Run the jobs with a progress bar; returns the images that could not be read."""
+    workers = worker_count(cfg.workers, len(jobs))
+    results = run_jobs(partial(resize_file, cfg=cfg), jobs, workers)
+    failures = []
+    for job, error in tqdm(zip(jobs, results), total=len(jobs), desc=f"resize ({workers} workers)", unit="img"):
+        if error is not None:
+            failures.append(Failure(job.image_id, job.path, error))
+    return failures
+
+
+def keep_images(images: pa.Table, outputs: dict[str, str], excluded: set[str]) -> pa.Table:
+    rows = [
+        {**row, "path": outputs[row["image_id"]]} for row in images.to_pylist() if row["image_id"] not in excluded
+    ]
+    return pa.Table.from_pylist(rows, schema=manifest.IMAGES_SCHEMA)
+
+
+def keep_queries(queries: pa.Table, excluded: set[str]) -> pa.Table:
+    rows = [q for q in queries.to_pylist() if q["reference_id"] not in excluded and q["target_id"] not in excluded]
+    return pa.Table.from_pylist(rows, schema=manifest.QUERIES_SCHEMA)
+
+
+def report_failures(failures: Iterable[Failure], shown: int = 20) -> None:
+    failures = list(failures)
+    for f in failures[:shown]:
+        print(f"resize: corrupt image {f.image_id!r} ({f.path}): {f.error}", file=sys.stderr)
+    if len(failures) > shown:
+        print(f"resize: ... and {len(failures) - shown} more corrupt images, see {REPORT_FILE}", file=sys.stderr)
+
+
+def run_resize(input_dir: Path | str, output_dir: Path | str, cfg: ResizeConfig) -> Summary:
+    """Resize the prepared dataset in `input_dir` into `output_dir` (see the module doc)."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise StageError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images would pass as valid")
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    images, queries = manifest.read(input_dir)
+    outputs = plan_outputs(images, cfg.format)
+    start = time.perf_counter()
+    with staged_dir(output_dir, resume_key(cfg, input_dir)) as work:
+        remove_stale_temp_files(work)
+        jobs = [Job(image_id, path, input_dir / path, work / outputs[image_id])
+                for image_id, path in zip(images.column("image_id").to_pylist(), images.column("path").to_pylist())]
+        todo = [job for job in jobs if not job.target.exists()]
+        failures = resize_all(todo, cfg)
+        excluded = {f.image_id for f in failures}
+        kept_images, kept_queries = keep_images(images, outputs, excluded), keep_queries(queries, excluded)
+        manifest.write(work, kept_images, kept_queries)
+        write_json(work / REPORT_FILE, {
+            "images_in": images.num_rows,
+            "images_out": kept_images.num_rows,
+            "corrupt": [asdict(f) for f in failures],
+            "queries_in": queries.num_rows,
+            "queries_out": kept_queries.num_rows,
+            "queries_dropped": queries.num_rows - kept_queries.num_rows,
+        })
+    report_failures(failures)
+    return Summary(
+        images_in=images.num_rows, images_out=kept_images.num_rows, resized=len(todo) - len(failures),
+        resumed=len(jobs) - len(todo), corrupt=len(failures), queries_in=queries.num_rows,
+        queries_out=kept_queries.num_rows, seconds=time.perf_counter() - start,
+    )
+
+
+def resize(input_dir: Path | str, output_dir: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
+    """The stage: read `resize` params, run, return the one-line summary."""
+    cfg = load(ResizeConfig, "resize", params_path)
+    return run_resize(input_dir, output_dir, cfg).line(output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, required=True, help="prepared dataset, e.g. data/prepared")
+    parser.add_argument("--output", type=Path, required=True, help="output directory, e.g. data/resized")
+    args = parser.parse_args(argv)
+    run_stage(lambda: print(resize(args.input, args.output)))
+
+
+if __name__ == "__main__":
+    main()
