@@ -1,6 +1,9 @@
-"""Throughput of the data stages on synthetic images: resize (1 worker vs all cores) and shard.
+"""Throughput of the data stages on the default data: resize (1 worker vs all cores), shard, mine.
 
-    python benchmarks/bench_data.py [--images N] [--size S]
+    python benchmarks/bench_data.py [--size S]
+
+Run from the repository root: the dataset is the one params.yaml describes (`dataset` section).
+Mining is timed against a baseline that builds the full Q x G similarity matrix before `topk`.
 
 Everything is written to a temporary directory that is removed at the end. Each measured step is
 one `bench_*` function returning a Measurement; the table at the end lists them all.
@@ -8,23 +11,24 @@ one `bench_*` function returning a Measurement; the table at the end lists them 
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import random
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-from PIL import Image, ImageDraw
+import torch
 
-from stages import manifest
-from stages.params import parse
+from stages.embedding import embed_gallery, embed_queries
+from stages.loaders import texts
+from stages.mine import MineConfig, mine
+from stages.modeling import ModelConfig, build_model
+from stages.params import load, parse
+from stages.prepare import prepare
 from stages.resize import ResizeConfig, run_resize
 from stages.shard import ShardConfig, run_shard
+from stages.vocab import Vocab
 
-SOURCE_SIZE = 80  # the side of the synthetic images, like the shapes dataset's renders
 
 
 @dataclass(frozen=True)
@@ -38,36 +42,9 @@ class Measurement:
         return self.items / self.seconds
 
 
-def synthetic_png(rng: random.Random) -> bytes:
-    """A few coloured boxes and ellipses on a plain background: compresses like real renders."""
-    img = Image.new("RGB", (SOURCE_SIZE, SOURCE_SIZE), tuple(rng.randrange(256) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(2, 5)):
-        x, y = rng.randrange(SOURCE_SIZE - 20), rng.randrange(SOURCE_SIZE - 20)
-        box = (x, y, x + rng.randint(8, 20), y + rng.randint(8, 20))
-        colour = tuple(rng.randrange(256) for _ in range(3))
-        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
-    buffer = io.BytesIO()
-    img.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def make_dataset(root: Path, count: int, seed: int = 0) -> Path:
-    """`count` train images and as many queries (image i -> image i+1), written as a prepared dataset."""
-    rng = random.Random(seed)
-    (root / "images").mkdir(parents=True)
-    images = []
-    for n in range(count):
-        path = f"images/{n:06d}.png"
-        (root / path).write_bytes(synthetic_png(rng))
-        images.append({"image_id": f"img{n:06d}", "path": path, "split": "train", "caption": f"scene {n}"})
-    queries = [
-        {"query_id": f"q{n:06d}", "split": "train", "reference_id": images[n]["image_id"],
-         "text": "add a red box", "target_id": images[(n + 1) % count]["image_id"]}
-        for n in range(count)
-    ]
-    manifest.write(root, pa.Table.from_pylist(images, schema=manifest.IMAGES_SCHEMA),
-                   pa.Table.from_pylist(queries, schema=manifest.QUERIES_SCHEMA))
+def make_dataset(root: Path) -> Path:
+    """The default dataset of params.yaml (`dataset` section), built as the `prepare` stage does."""
+    prepare(root)
     return root
 
 
@@ -89,6 +66,39 @@ def bench_shard(resized: Path, output: Path) -> Measurement:
     return Measurement("shard (gallery + queries samples)", samples, seconds)
 
 
+def bench_mine(shards: Path, size: int) -> list[Measurement]:
+    """Embedding + chunked top-k (the `mine` stage) vs the full matrix + topk, on the train split.
+
+    The model is freshly initialised from the `model` params: throughput does not depend on weights.
+    """
+    cfg = load(MineConfig, "mine")
+    vocab = Vocab.build(texts(shards, "train"))
+    model = build_model(load(ModelConfig, "model"), len(vocab), size).eval()
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    gallery_ids, gallery = embed_gallery(model, shards, "train", cfg.batch_size, device)
+    records, features = embed_queries(model, vocab, shards, "train", cfg.batch_size, device)
+    embedded = time.perf_counter()
+    position = {image_id: i for i, image_id in enumerate(gallery_ids)}
+    targets = torch.tensor([position[r["target_id"]] for r in records])
+    queries = features["composed"]
+    _, chunked = mine(queries, targets, gallery, cfg)
+    searched = time.perf_counter()
+    full = queries @ gallery.T  # baseline: Q x G in memory at once
+    full[torch.arange(len(targets)), targets] = float("-inf")
+    baseline = full.topk(cfg.k, dim=1).indices
+    done = time.perf_counter()
+    if not torch.equal(chunked, baseline):
+        raise AssertionError("chunked mining and the full-matrix baseline disagree")
+    candidates = len(records) * cfg.k
+    return [
+        Measurement(f"embed {len(records)} queries + {len(gallery_ids)} images", len(records) + len(gallery_ids),
+                    embedded - start),
+        Measurement(f"mine top-{cfg.k}, chunked (candidates)", candidates, searched - embedded),
+        Measurement(f"mine top-{cfg.k}, full matrix baseline", candidates, done - searched),
+    ]
+
+
 def print_table(rows: list[Measurement]) -> None:
     width = max(len(row.step) for row in rows)
     print(f"{'step':<{width}}  {'items':>7}  {'seconds':>8}  {'items/s':>9}")
@@ -98,19 +108,21 @@ def print_table(rows: list[Measurement]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000, help="synthetic images to generate")
     parser.add_argument("--size", type=int, default=64, help="resize.size")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
     with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp:
         tmp = Path(tmp)
-        prepared = make_dataset(tmp / "prepared", args.images)
+        prepared = make_dataset(tmp / "prepared")
         one = bench_resize(prepared, tmp / "resized-1", args.size, workers=1)
         all_cores = bench_resize(prepared, tmp / "resized-all", args.size, workers=cores)
         sharded = bench_shard(tmp / "resized-all", tmp / "shards")
+        mined = bench_mine(tmp / "shards", args.size)
     print()
-    print_table([one, all_cores, sharded])
+    print_table([one, all_cores, sharded, *mined])
     print(f"resize speed-up with {cores} workers: {all_cores.rate / one.rate:.2f}x")
+    print(f"chunked mining vs full matrix: {mined[1].rate / mined[2].rate:.2f}x the candidates/s")
 
 
 if __name__ == "__main__":

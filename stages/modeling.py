@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from models.encoders import LSTMTextEncoder, ResNet18Encoder, SmallCNN
 from models.tirg import TIRG
-from stages.params import require, section
+from stages.params import parse, require, section
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -74,7 +74,7 @@ def load_model(path: Path) -> tuple[TIRG, ModelConfig, list[str], int]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint (did the stage that writes it run?)")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = ModelConfig(**state["model_config"])
+    cfg = parse(ModelConfig, "model", state["model_config"], path)
     model = build_model(cfg, len(state["vocab"]) + 1, state["image_size"], load_weights=False)
     model.load_state_dict(state["model"])
     return model.eval(), cfg, state["vocab"], state["image_size"]

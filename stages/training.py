@@ -105,6 +105,15 @@ def save_checkpoint(path: Path, model: torch.nn.Module, extra: dict) -> None:
         torch.save({"model": model.state_dict(), **extra}, tmp)
 
 
+def forget_logs_after(live_dir: Path, step: int) -> None:
+    """Drop the dvclive rows a crashed run logged after its last checkpoint; the resumed run redoes them."""
+    for tsv in (live_dir / "plots" / "metrics").glob("**/*.tsv"):
+        header, *rows = tsv.read_text().splitlines()
+        kept = [row for row in rows if int(row.split("\t")[0]) <= step]
+        with atomic_path(tsv) as tmp:
+            tmp.write_text("\n".join([header, *kept]) + "\n")
+
+
 def fit(
     model: torch.nn.Module,
     batches: Iterator[dict],
@@ -127,6 +136,7 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+        forget_logs_after(work_dir / "live", start)
         print(f"{name}: resuming at step {start} from {resume_file}")
     live = Live(dir=str(work_dir / "live"), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None)
     model.train()

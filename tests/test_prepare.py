@@ -19,6 +19,7 @@ SHAPES = dict(
     test_queries=20,
     novel_queries=20,
     novel_combos=4,
+    queries_per_reference=4,
 )
 
 

@@ -36,6 +36,7 @@ SMALL = dict(
     test_queries=20,
     novel_queries=20,
     novel_combos=4,
+    queries_per_reference=4,
 )
 
 

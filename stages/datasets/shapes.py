@@ -72,6 +72,7 @@ class Config:
     test_queries: int
     novel_queries: int
     novel_combos: int
+    queries_per_reference: int
 
     def __post_init__(self) -> None:
         require(self.image_size >= 16, "image_size", f"must be at least 16 pixels, got {self.image_size}")
@@ -81,6 +82,8 @@ class Config:
             "max_objects",
             f"must be in min_objects..{CELLS} ({self.min_objects}..{CELLS}), got {self.max_objects}",
         )
+        require(self.queries_per_reference > 0, "queries_per_reference",
+                f"must be > 0, got {self.queries_per_reference}")
         for split in SPLITS:
             count = self.query_count(split)
             require(count > 0, f"{split}_queries", f"must be > 0, got {count}")
@@ -170,21 +173,7 @@ def parse_caption(text: str) -> Scene:
 # ---------------------------------------------------------------- query generation
 
 
-def _object_counts(kind: str, cfg: Config) -> range:
-    """Possible object counts of the reference scene, so both scenes stay within min..max objects."""
-    lo, hi = cfg.min_objects, cfg.max_objects
-    if kind == "add":
-        return range(lo, hi)
-    if kind == "remove":
-        return range(lo + 1, hi + 1)
-    if kind == "move":  # needs an empty cell to move to
-        return range(lo, min(hi, CELLS - 1) + 1)
-    return range(lo, hi + 1)
-
-
-def feasible_kinds(cfg: Config) -> tuple[str, ...]:
-    """Kinds of modification the object bounds allow (e.g. no add/remove when min == max)."""
-    return tuple(kind for kind in KINDS if len(_object_counts(kind, cfg)) > 0)
+Edit = tuple[str, str, Scene, Obj]  # (kind, text, target scene, named object in its target state)
 
 
 def _random_object(rng: random.Random, combos: list[tuple[str, str]]) -> Obj:
@@ -192,61 +181,63 @@ def _random_object(rng: random.Random, combos: list[tuple[str, str]]) -> Obj:
     return Obj(rng.choice(SIZES), colour, shape)
 
 
-def _draw_query(
-    rng: random.Random,
-    kind: str,
-    n_objects: int,
-    background: list[tuple[str, str]],
-    named_combos: list[tuple[str, str]],
-) -> tuple[Scene, str, Scene, Obj] | None:
-    """One random (reference, text, target, named object); None if this draw cannot be completed.
+def _with(scene: Scene, cell: int, obj: Obj | None) -> Scene:
+    return scene[:cell] + (obj,) + scene[cell + 1 :]
 
-    The objects the text does not name use `background` combos; the named object, in its target
-    state, uses `named_combos`.
-    """
-    cells = rng.sample(range(CELLS), n_objects)
-    if kind == "add":
-        others = {cell: _random_object(rng, background) for cell in cells}
-        free_cell = _free_cell(rng, cells)
-        added = _random_object(rng, named_combos)
-        return _scene(others), f"add a {added} at {POSITIONS[free_cell]}", _scene(others, {free_cell: added}), added
 
-    named_cell = cells[0]
-    others = {cell: _random_object(rng, background) for cell in cells[1:]}
-    where = POSITIONS[named_cell]
-    if kind == "colour":
-        after = _random_object(rng, named_combos)
-        old_colours = [c for c in COLOURS if c != after.colour and (after.shape, c) in background]
-        if not old_colours:
-            return None
-        before = after._replace(colour=rng.choice(old_colours))
-        text = f"make the {before} at {where} {after.colour}"
-        return _scene(others, {named_cell: before}), text, _scene(others, {named_cell: after}), after
+def _random_reference(
+    rng: random.Random, cfg: Config, background: list[tuple[str, str]], named_combos: list[tuple[str, str]]
+) -> Scene:
+    """min..max objects of `background` combos; for `novel` (named combos not in the background),
+    one object may use a named combo too, so it can be removed, resized or moved."""
+    cells = rng.sample(range(CELLS), rng.randint(cfg.min_objects, cfg.max_objects))
+    scene: Scene = (None,) * CELLS
+    for cell in cells:
+        scene = _with(scene, cell, _random_object(rng, background))
+    if named_combos[0] not in background and rng.random() < 0.5:
+        scene = _with(scene, cells[0], _random_object(rng, named_combos))
+    return scene
 
-    obj = _random_object(rng, named_combos)
-    reference = _scene(others, {named_cell: obj})
-    if kind == "remove":
-        return reference, f"remove the {obj} at {where}", _scene(others), obj
-    if kind == "size":
+
+def edits(scene: Scene, cfg: Config, named_combos: list[tuple[str, str]]) -> dict[str, list[Edit]]:
+    """Every single-object edit of `scene` whose named object (in its target state) uses `named_combos`
+    and that keeps the object count within min_objects..max_objects, by kind."""
+    occupied = [cell for cell in range(CELLS) if scene[cell] is not None]
+    free = [cell for cell in range(CELLS) if scene[cell] is None]
+    named = set(named_combos)
+    by_kind: dict[str, list[Edit]] = {kind: [] for kind in KINDS}
+    if len(occupied) < cfg.max_objects:
+        for cell in free:
+            for shape, colour in named_combos:
+                for size in SIZES:
+                    obj = Obj(size, colour, shape)
+                    by_kind["add"].append(("add", f"add a {obj} at {POSITIONS[cell]}", _with(scene, cell, obj), obj))
+    for cell in occupied:
+        obj, where = scene[cell], POSITIONS[cell]
+        for colour in COLOURS:
+            if colour != obj.colour and (obj.shape, colour) in named:
+                after = obj._replace(colour=colour)
+                by_kind["colour"].append(("colour", f"make the {obj} at {where} {colour}", _with(scene, cell, after), after))
+        if obj.combo not in named:
+            continue
+        if len(occupied) > cfg.min_objects:
+            by_kind["remove"].append(("remove", f"remove the {obj} at {where}", _with(scene, cell, None), obj))
         resized = obj._replace(size="large" if obj.size == "small" else "small")
-        return reference, f"make the {obj} at {where} {resized.size}", _scene(others, {named_cell: resized}), resized
-    if kind == "move":
-        free_cell = _free_cell(rng, cells)
-        text = f"move the {obj} from {where} to {POSITIONS[free_cell]}"
-        return reference, text, _scene(others, {free_cell: obj}), obj
-    raise ValueError(f"unknown modification kind {kind!r}")
+        by_kind["size"].append(("size", f"make the {obj} at {where} {resized.size}", _with(scene, cell, resized), resized))
+        for to in free:
+            moved = _with(_with(scene, cell, None), to, obj)
+            by_kind["move"].append(("move", f"move the {obj} from {where} to {POSITIONS[to]}", moved, obj))
+    return {kind: options for kind, options in by_kind.items() if options}
 
 
-def _free_cell(rng: random.Random, occupied: list[int]) -> int:
-    return rng.choice([cell for cell in range(CELLS) if cell not in occupied])
-
-
-def _scene(*placements: dict[int, Obj]) -> Scene:
-    cells: list[Obj | None] = [None] * CELLS
-    for placement in placements:
-        for cell, obj in placement.items():
-            cells[cell] = obj
-    return tuple(cells)
+def feasible_kinds(cfg: Config) -> tuple[str, ...]:
+    """Kinds of modification the object bounds allow (e.g. no add/remove when min == max)."""
+    kinds = {"colour", "size"}
+    if cfg.min_objects < cfg.max_objects:
+        kinds |= {"add", "remove"}
+    if cfg.min_objects < CELLS:
+        kinds.add("move")
+    return tuple(kind for kind in KINDS if kind in kinds)
 
 
 def _generate_split(
@@ -258,10 +249,11 @@ def _generate_split(
     split_of: dict[str, str],
     scenes: dict[str, Scene],
 ) -> list[Query]:
-    """Draw the split's queries; registers their scenes in `split_of` and `scenes`."""
+    """Draw the split's queries, `queries_per_reference` edits of each reference scene (as CSS3D
+    does), so every gallery holds several targets one edit away from each reference: the text,
+    not the reference image alone, decides which of them is right. Registers the scenes used."""
     count = cfg.query_count(split)
     named_combos = held_out if split == "novel" else allowed
-    kinds = feasible_kinds(cfg)
     seen: set[tuple[str, str]] = set()
     queries: list[Query] = []
     failed = 0
@@ -272,22 +264,25 @@ def _generate_split(
                 f"{split} queries ({failed} draws in a row failed); lower the count, widen "
                 f"min_objects..max_objects or hold out fewer novel_combos"
             )
-        kind = rng.choice(kinds)
-        drawn = _draw_query(rng, kind, rng.choice(_object_counts(kind, cfg)), allowed, named_combos)
-        if drawn is None:
+        reference = _random_reference(rng, cfg, allowed, named_combos)
+        ref_id = image_id(reference)
+        options = edits(reference, cfg, named_combos)
+        if split_of.get(ref_id, split) != split or not options:
             failed += 1
             continue
-        reference, text, target, named = drawn
-        ref_id, target_id = image_id(reference), image_id(target)
-        if (ref_id, text) in seen or any(split_of.get(i, split) != split for i in (ref_id, target_id)):
-            failed += 1
-            continue
-        failed = 0
-        seen.add((ref_id, text))
-        for scene_id, scene in ((ref_id, reference), (target_id, target)):
-            split_of[scene_id] = split
-            scenes[scene_id] = scene
-        queries.append(Query(f"{split}-{len(queries):06d}", split, kind, reference, text, target, named))
+        added = 0
+        for _ in range(cfg.queries_per_reference):
+            kind, text, target, named = rng.choice(options[rng.choice(sorted(options))])
+            target_id = image_id(target)
+            if (ref_id, text) in seen or split_of.get(target_id, split) != split or len(queries) == count:
+                continue
+            seen.add((ref_id, text))
+            for scene_id, scene in ((ref_id, reference), (target_id, target)):
+                split_of[scene_id] = split
+                scenes[scene_id] = scene
+            queries.append(Query(f"{split}-{len(queries):06d}", split, kind, reference, text, target, named))
+            added += 1
+        failed = 0 if added else failed + 1
     return queries
 
 
