@@ -1,0 +1,34 @@
+"""dvc.yaml and params.yaml agree: every knob of a stage's sections is a tracked param of that stage."""
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = {"prepare": ["dataset"], "resize": ["resize"], "shard": ["shard"], "pretrain": ["model", "pretrain"],
+            "mine": ["mine"], "train": ["train"], "evaluate": ["evaluate"]}
+
+
+def leaves(prefix, node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaves(f"{prefix}.{key}", value)
+    else:
+        yield prefix
+
+
+def test_each_stage_tracks_exactly_the_leaf_keys_of_its_sections():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(SECTIONS)
+    for stage, sections in SECTIONS.items():
+        expected = [key for section in sections for key in leaves(section, params[section])]
+        assert stages[stage]["params"] == expected, stage
+    tracked = {key for stage in stages.values() for key in stage["params"]}
+    assert tracked == {key for section in params for key in leaves(section, params[section])}  # no orphan knob
+
+
+def test_each_stage_depends_on_its_own_module():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert f"python -m stages.{name} " in stage["cmd"]
+        assert f"stages/{name}.py" in stage["deps"]
