@@ -10,10 +10,17 @@ import torch.nn.functional as F
 from models.tirg import TIRG
 from stages import shards
 from stages.loaders import batched, decode_image
-from stages.training import autocast, to_device
+from stages.modeling import load_model
+from stages.training import autocast, place_model, to_device
 from stages.vocab import Vocab
 
 QueryMode = Literal["composed", "image_only", "text_only"]
+
+
+def load_for_embedding(checkpoint: Path, device: torch.device) -> tuple[TIRG, Vocab]:
+    """A trained model in eval mode on `device`, with the vocabulary it was trained with."""
+    model, _, words, _ = load_model(checkpoint)
+    return place_model(model, device), Vocab(words)
 
 
 @torch.no_grad()

@@ -21,12 +21,10 @@ from typing_extensions import Annotated
 
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
-from stages.embedding import embed_gallery, embed_queries
-from stages.modeling import load_model
+from stages.embedding import embed_gallery, embed_queries, load_for_embedding
 from stages.params import load, require, section
 from stages.retrieval import chunked_topk, recall_at_k
-from stages.training import DeviceName, pick_device, place_model
-from stages.vocab import Vocab
+from stages.training import DeviceName, pick_device
 
 MODES = {"tirg": "composed", "image_only": "image_only", "text_only": "text_only"}
 
@@ -75,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     began = time.time()
     device = pick_device(cfg.device)
-    model, _, words, _ = load_model(args.model)
-    model, vocab = place_model(model, device), Vocab(words)
+    model, vocab = load_for_embedding(args.model, device)
     per_split = {split: score_split(model, vocab, args.shards, split, cfg, device) for split in cfg.splits}
     metrics: dict[str, dict] = {name: {split: per_split[split][name] for split in cfg.splits} for name in MODES}
     if len(cfg.splits) > 1:

@@ -19,12 +19,10 @@ from typing_extensions import Annotated
 
 from stages.atomic import atomic_path
 from stages.cli import StageError, run_stage
-from stages.embedding import embed_gallery, embed_queries
-from stages.modeling import load_model
+from stages.embedding import embed_gallery, embed_queries, load_for_embedding
 from stages.params import load, section
 from stages.retrieval import chunked_topk
-from stages.training import DeviceName, pick_device, place_model
-from stages.vocab import Vocab
+from stages.training import DeviceName, pick_device
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NEGATIVES_SCHEMA = pa.schema(
@@ -82,10 +80,9 @@ def main(argv: list[str] | None = None) -> None:
 
     began = time.time()
     device = pick_device(cfg.device)
-    model, _, words, _ = load_model(args.model)
-    model = place_model(model, device)
+    model, vocab = load_for_embedding(args.model, device)
     gallery_ids, gallery = embed_gallery(model, args.shards, "train", cfg.batch_size, device)
-    records, features = embed_queries(model, Vocab(words), args.shards, "train", cfg.batch_size, device)
+    records, features = embed_queries(model, vocab, args.shards, "train", cfg.batch_size, device)
     position = {image_id: i for i, image_id in enumerate(gallery_ids)}
     missing = [r["target_id"] for r in records if r["target_id"] not in position]
     if missing:
