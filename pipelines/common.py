@@ -1,0 +1,83 @@
+"""What the flows share: the `orchestration` params, the DVC stage graph, and running DVC commands."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field
+from typing_extensions import Annotated
+
+from stages.params import load, require, section
+
+
+@section
+class OrchestrationConfig:
+    retries: Annotated[int, Field(ge=0)]
+    retry_delay_seconds: Annotated[float, Field(ge=0)]
+    parallel: Annotated[int, Field(gt=0)]
+    schedule: Optional[str]
+
+    def __post_init__(self):
+        require(self.schedule is None or len(self.schedule.split()) == 5, "schedule",
+                f"must be a 5-field cron expression or null, got {self.schedule!r}")
+
+
+def load_orchestration(root: Path) -> OrchestrationConfig:
+    return load(OrchestrationConfig, "orchestration", Path(root) / "params.yaml")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    metrics: tuple[str, ...]  # metrics files the stage writes, relative to the repository root
+
+
+def stages_in_order(root: Path) -> list[Stage]:
+    """The stages of the DVC graph, dependencies first (ties in dvc.yaml order), read from DVC itself."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stages = list(repo.index.stages)
+        position = {stage: i for i, stage in enumerate(stages)}
+        # DVC's edges point from a stage to the stages it depends on
+        order = nx.lexicographical_topological_sort(repo.index.graph.reverse(copy=True), key=position.__getitem__)
+        return [Stage(_address(s, Path(repo.root_dir)), tuple(str(o.def_path) for o in s.outs if o.metric))
+                for s in order]
+
+
+def _address(stage, root: Path) -> str:
+    """What `dvc repro` takes, relative to the repository root: `train`, or `sub/dvc.yaml:train`."""
+    path = Path(stage.path).relative_to(root)
+    name = getattr(stage, "name", None)
+    if name is None:  # a .dvc file
+        return str(path)
+    return name if str(path) == "dvc.yaml" else f"{path}:{name}"
+
+
+def parse_overrides(items: list[str] | None) -> list[str]:
+    """`--set key=value` items, checked; passed to DVC as `-S key=value`."""
+    overrides = list(items or [])
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key or " " in key:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
+    return overrides
+
+
+def dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    """Run `dvc ARGS` in `root` with this interpreter's environment first on PATH (its dvc, its python)."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    executable = shutil.which("dvc", path=env["PATH"])
+    if executable is None:
+        raise FileNotFoundError("no `dvc` executable beside this Python or on PATH (run `make setup`)")
+    return subprocess.run([executable, *args], cwd=root, env=env, capture_output=True, text=True)
+
+
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])

@@ -1,0 +1,133 @@
+"""Flow `sweep`: every combination of a parameter grid as a DVC experiment, then one results table.
+
+    python -m pipelines.sweep --set train.lr=0.01,0.05 --set train.steps=150,300 [--grid grid.yaml]
+                              [--root .] [--out sweeps/<name>.csv]
+
+Each combination is one Prefect task running `dvc exp run --temp -n <name> -S ...`, at most
+`orchestration.parallel` at a time. (`--temp` runs each experiment in its own temporary copy of the
+workspace and needs no queue worker in the background; DVC's `--queue` + celery workers add a
+second scheduler with its own state to watch, which Prefect already is.) A failing experiment is
+listed as failed with DVC's error; the others still complete. The table (params of the grid and all
+metrics) is written as CSV and as a Prefect table artifact; `dvc exp show` lists the same experiments.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import time
+from pathlib import Path
+
+import yaml
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from pipelines.common import dvc, load_orchestration, tail
+from pipelines.repro import flatten
+
+
+def parse_grid(sets: list[str] | None, grid_file: Path | None) -> dict[str, list[str]]:
+    """{param: values} from `--set key=v1,v2` items and/or a YAML mapping of key -> list of values."""
+    grid: dict[str, list[str]] = {}
+    if grid_file is not None:
+        raw = yaml.safe_load(Path(grid_file).read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"{grid_file}: expected a mapping of param -> list of values")
+        for key, values in raw.items():
+            values = values if isinstance(values, list) else [values]
+            grid[key] = [yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+                         for v in values]
+    for item in sets or []:
+        key, eq, values = item.partition("=")
+        if not eq or not key or not values:
+            raise ValueError(f"--set {item!r}: expected key=value1,value2,...")
+        grid[key] = values.split(",")
+    if not grid:
+        raise ValueError("an empty grid: give --set key=v1,v2 or --grid FILE")
+    return grid
+
+
+def combinations(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+@task
+def run_experiment(root: str, name: str, assignment: dict[str, str]) -> dict:
+    args = ["exp", "run", "--temp", "--name", name, *(a for k, v in assignment.items() for a in ("-S", f"{k}={v}"))]
+    began = time.perf_counter()
+    result = dvc(args, Path(root))
+    seconds = round(time.perf_counter() - began, 1)
+    if result.returncode != 0:
+        print(f"{name}: failed after {seconds} s")
+        return {"experiment": name, "status": "failed", "seconds": seconds, **assignment,
+                "error": tail(result.stdout + "\n" + result.stderr, 8)}
+    print(f"{name}: done in {seconds} s")
+    return {"experiment": name, "status": "done", "seconds": seconds, **assignment, "error": ""}
+
+
+def experiment_metrics(root: Path, names: set[str]) -> dict[str, dict[str, object]]:
+    """{experiment name: flattened metrics} from `dvc exp show --json`."""
+    shown = dvc(["exp", "show", "--json"], root)
+    if shown.returncode != 0:
+        raise RuntimeError(f"dvc exp show failed:\n{tail(shown.stderr)}")
+    found = {}
+    for baseline in json.loads(shown.stdout):
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment["revs"]:
+                if rev.get("name") in names and rev.get("data"):
+                    metrics = {}
+                    for path, content in (rev["data"].get("metrics") or {}).items():
+                        metrics.update(flatten(content.get("data") or {}))
+                    found[rev["name"]] = metrics
+    return found
+
+
+@flow(name="cirflow-sweep", log_prints=True)
+def sweep(grid: dict[str, list[str]], root: str = ".", out: str | None = None) -> list[dict]:
+    """Run every combination of `grid` as a DVC experiment; returns one row per experiment."""
+    cfg = load_orchestration(Path(root))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    jobs = [(f"sweep-{stamp}-{i:02d}", assignment) for i, assignment in enumerate(combinations(grid))]
+    rows = []
+    for start in range(0, len(jobs), cfg.parallel):
+        futures = [run_experiment.with_options(task_run_name=name).submit(root, name, assignment)
+                   for name, assignment in jobs[start : start + cfg.parallel]]
+        rows += [future.result() for future in futures]
+    metrics = experiment_metrics(Path(root), {row["experiment"] for row in rows if row["status"] == "done"})
+    for row in rows:
+        row.update(metrics.get(row["experiment"], {}))
+    out_path = Path(root) / (out or f"sweeps/sweep-{stamp}.csv")
+    write_csv(out_path, rows)
+    create_table_artifact(key="cirflow-sweep", table=rows, description=f"sweep {stamp}: {len(rows)} experiments")
+    failed = [row["experiment"] for row in rows if row["status"] == "failed"]
+    print(f"sweep: {len(rows) - len(failed)} done, {len(failed)} failed {failed or ''} -> {out_path}")
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    from stages.atomic import atomic_path
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", dest="sets", action="append", metavar="KEY=V1,V2", help="a grid axis (repeatable)")
+    parser.add_argument("--grid", type=Path, help="YAML file: param -> list of values")
+    parser.add_argument("--root", default=".", help="the DVC repository (default: here)")
+    parser.add_argument("--out", help="CSV path relative to the root (default: sweeps/sweep-<time>.csv)")
+    args = parser.parse_args(argv)
+    grid = parse_grid(args.sets, args.grid)
+    rows = sweep(grid=grid, root=args.root, out=args.out)
+    for row in rows:
+        print(f"{row['experiment']}  {row['status']:<6}  " + "  ".join(f"{k}={row[k]}" for k in grid))
+
+
+if __name__ == "__main__":
+    main()

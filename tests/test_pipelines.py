@@ -1,0 +1,112 @@
+"""The Prefect flows on a tiny copy of the repository: real Prefect (a temporary server), real DVC."""
+import asyncio
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+from prefect.testing.utilities import prefect_test_harness
+
+from pipelines.common import OrchestrationConfig, stages_in_order
+from pipelines.repro import repro
+from pipelines.serve import deployments
+from pipelines.sweep import parse_grid, sweep
+from stages.params import parse
+from tiny_repo import STAGES, make_tiny_repo, set_param
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, prefect_server):
+    return make_tiny_repo(tmp_path_factory.mktemp("flows"))
+
+
+def task_runs(state) -> list:
+    async def read():
+        async with get_client() as client:
+            flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return await client.read_task_runs(flow_run_filter=flow_run, sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+    return asyncio.run(read())
+
+
+def test_repro_runs_one_task_per_stage_in_dvc_order_then_skips_them(tiny):
+    state = repro(root=str(tiny), return_state=True)
+    assert state.is_completed()
+    records = state.result()
+    assert [r["stage"] for r in records] == STAGES
+    assert [r["status"] for r in records] == ["ran"] * len(STAGES)
+    assert [run.name for run in task_runs(state)] == STAGES
+    assert records[-1]["metrics"]["metrics/evaluate.json"]["counts.test.queries"] == 60
+
+    again = repro(root=str(tiny))
+    assert {r["status"] for r in again} == {"up_to_date"}
+
+
+def test_a_failing_stage_is_retried_then_fails_the_flow_with_its_own_error(tiny):
+    set_param(tiny, "orchestration", "retries", 2)
+    set_param(tiny, "mine", "k", 0)
+    try:
+        state = repro(root=str(tiny), return_state=True)
+    finally:
+        set_param(tiny, "mine", "k", 5)
+        set_param(tiny, "orchestration", "retries", 1)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"params\.yaml: mine\.k: Input should be greater than 0"):
+        state.result()
+    runs = {run.name: run for run in task_runs(state)}
+    assert runs["mine"].run_count == 3  # the first try and two retries
+    assert "train" not in runs and "evaluate" not in runs  # nothing after the failed stage
+
+
+def test_sweep_over_a_2x2_grid_gives_four_experiments_with_distinct_metrics(tiny):
+    grid = parse_grid(["train.lr=0.01,0.05", "train.steps=4,8"], None)
+    rows = sweep(grid=grid, root=str(tiny), out="sweeps/grid.csv")
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert {(r["train.lr"], r["train.steps"]) for r in rows} == {("0.01", "4"), ("0.01", "8"), ("0.05", "4"), ("0.05", "8")}
+    metric_rows = {tuple(v for k, v in sorted(r.items()) if k.startswith("tirg.")) for r in rows}
+    assert len(metric_rows) == 4 and all(metric_rows)
+    with open(tiny / "sweeps/grid.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_a_failing_experiment_is_listed_and_the_others_complete(tiny):
+    rows = sweep(grid={"train.lr": ["-1", "0.02"]}, root=str(tiny), out="sweeps/bad.csv")
+    failed, done = rows
+    assert failed["status"] == "failed" and "train.lr: Input should be greater than 0" in failed["error"]
+    assert done["status"] == "done" and "tirg.test.r10" in done
+
+
+def test_grid_from_yaml_file(tmp_path):
+    (tmp_path / "grid.yaml").write_text("train.lr: [0.01, 0.1]\nmodel.embed_dim: 64\n")
+    assert parse_grid(None, tmp_path / "grid.yaml") == {"train.lr": ["0.01", "0.1"], "model.embed_dim": ["64"]}
+    with pytest.raises(ValueError, match="expected key=value1,value2"):
+        parse_grid(["train.lr"], None)
+
+
+def test_the_flow_graph_is_derived_from_dvc_yaml(tiny):
+    dvc_yaml = yaml.safe_load((tiny / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["report"] = {"cmd": "python -c \"open('report.txt','w').write('ok')\"",
+                                    "deps": ["metrics/evaluate.json"], "outs": ["report.txt"]}
+    (tiny / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    assert [s.name for s in stages_in_order(tiny)] == [*STAGES, "report"]
+    records = repro(root=str(tiny))
+    assert records[-1]["stage"] == "report" and records[-1]["status"] == "ran"
+    assert (tiny / "report.txt").read_text() == "ok"
+
+
+def test_serve_schedules_repro_from_params():
+    cfg = parse(OrchestrationConfig, "orchestration",
+                {"retries": 0, "retry_delay_seconds": 0, "parallel": 1, "schedule": "0 2 * * *"})
+    repro_deployment, sweep_deployment = deployments(Path("."), cfg)
+    assert repro_deployment.schedules[0].schedule.cron == "0 2 * * *"
+    assert sweep_deployment.schedules == []
+    with pytest.raises(Exception, match="orchestration.schedule: must be a 5-field cron"):
+        parse(OrchestrationConfig, "orchestration", {**vars(cfg), "schedule": "nightly"})
