@@ -3,8 +3,8 @@
     python -m pipelines.repro [--root .] [--set train.lr=0.01 ...]
 
 Each task runs `dvc repro --single-item <stage>` (with `--set`: `dvc exp run --single-item <stage>
--S ...`, so DVC applies the overrides and records an experiment; params.yaml is never edited by
-this flow). It records whether DVC ran the stage, found it up to date, or restored it from the
+-S ...`: DVC applies the overrides and records a workspace experiment, leaving the workspace's
+params.yaml at its values, as `dvc exp run` always does; this flow never edits params.yaml itself). It records whether DVC ran the stage, found it up to date, or restored it from the
 run-cache, its wall time and the metrics it wrote. A failing stage is retried
 `orchestration.retries` times, then fails the flow with DVC's own error text; later stages do not run.
 """

@@ -50,6 +50,18 @@ def test_repro_runs_one_task_per_stage_in_dvc_order_then_skips_them(tiny):
     assert {r["status"] for r in again} == {"up_to_date"}
 
 
+def test_overrides_go_to_dvc_as_set_params_and_rerun_only_what_they_touch(tiny):
+    try:
+        records = repro(root=str(tiny), overrides=["train.steps=7"])
+    finally:
+        set_param(tiny, "train", "steps", 6)
+    status = {r["stage"]: r["status"] for r in records}
+    assert status["train"] == "ran" and status["evaluate"] == "ran"
+    assert {status[s] for s in STAGES[:5]} == {"up_to_date"}
+    with pytest.raises(ValueError, match="expected key=value"):
+        repro.fn(root=str(tiny), overrides=["train.steps"])
+
+
 def test_a_failing_stage_is_retried_then_fails_the_flow_with_its_own_error(tiny):
     set_param(tiny, "orchestration", "retries", 2)
     set_param(tiny, "mine", "k", 0)
