@@ -2,8 +2,9 @@
 
     python -m stages.prepare --out data/prepared
 
-Reads only the `dataset` section of params.yaml: `dataset.name` picks an adapter under
-stages/datasets/, and `dataset.<name>` is that adapter's own params. The output directory
+Reads the `dataset` and `download` sections of params.yaml: `dataset.name` picks an adapter under
+stages/datasets/, `dataset.<name>` is that adapter's own params, and `download` says how real
+datasets are fetched (workers, retries, timeouts) into their `raw_dir` under data/raw/. The output directory
 appears only once it is complete:
 
     <out>/images/...        the image files
@@ -26,7 +27,8 @@ from stages import manifest
 from stages.atomic import staged_dir
 from stages.cli import run_stage
 from stages.datasets import ADAPTERS, load_adapter
-from stages.params import PARAMS_FILE, ParamsError, parse, read_yaml
+from stages.download import DownloadConfig
+from stages.params import PARAMS_FILE, ParamsError, load, parse, read_yaml
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,9 @@ def per_split(table: pa.Table) -> str:
 def prepare(out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """Build the dataset into `out`; returns a one-line summary."""
     params = load_dataset_params(params_path)
+    download = load(DownloadConfig, "download", params_path)
     with staged_dir(out) as work:
-        images, queries = params.adapter.build(params.config, work)
+        images, queries = params.adapter.build(params.config, work, download)
         manifest.write(work, images, queries)
     return f"prepare {params.name}: images {per_split(images)}; queries {per_split(queries)} -> {out}"
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = {"prepare": ["dataset"], "resize": ["resize"], "shard": ["shard"], "pretrain": ["model", "pretrain"],
+SECTIONS = {"prepare": ["dataset", "download"], "resize": ["resize"], "shard": ["shard"], "pretrain": ["model", "pretrain"],
             "mine": ["mine"], "train": ["train"], "evaluate": ["evaluate"]}
 
 

@@ -375,8 +375,10 @@ def summary(data: ShapesData) -> dict:
     }
 
 
-def build(cfg: Config, out_dir: Path) -> tuple[pa.Table, pa.Table]:
-    """Render every scene once to `out_dir/images/`, write `out_dir/shapes.json`, return the manifests."""
+def build(cfg: Config, out_dir: Path, download: object = None) -> tuple[pa.Table, pa.Table]:
+    """Render every scene once to `out_dir/images/`, write `out_dir/shapes.json`, return the manifests.
+
+    `download` (the `download` params) is unused: shapes is generated, nothing is fetched."""
     out_dir = Path(out_dir)
     data = generate(cfg)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
