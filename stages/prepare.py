@@ -63,7 +63,7 @@ def load_dataset_params(path: Path | str = PARAMS_FILE) -> DatasetParams:
 def per_split(table: pa.Table) -> str:
     """E.g. 'novel=2000 test=1997 train=15913': the table's rows counted per split."""
     counts = Counter(table.column("split").to_pylist())
-    return " ".join(f"{split}={counts[split]}" for split in sorted(counts))
+    return " ".join(f"{split}={counts[split]}" for split in sorted(counts)) or "none"
 
 
 def prepare(out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:

@@ -29,12 +29,13 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageFile
 from pydantic import Field
 from tqdm import tqdm
 from typing_extensions import Annotated
 
-from stages import manifest
+from stages import captions, manifest
 from stages.atomic import staged_dir, write_bytes, write_json
 from stages.cli import StageError, run_stage
 from stages.params import PARAMS_FILE, load, section
@@ -214,6 +215,23 @@ def report_failures(failures: Iterable[Failure], shown: int = 20) -> None:
         print(f"resize: ... and {len(failures) - shown} more corrupt images, see {REPORT_FILE}", file=sys.stderr)
 
 
+def carry_image_text_files(input_dir: Path, work: Path, images: pa.Table, kept_images: pa.Table,
+                           excluded: set[str]) -> dict:
+    """Image-text matching datasets also have captions.parquet and (COCO) folds.json: pass them on
+    without the captions and fold entries of the excluded images. Returns counts for the report."""
+    counts = {}
+    if (input_dir / captions.CAPTIONS_FILE).exists():
+        table = captions.read(input_dir, images)
+        kept = table.filter(pc.invert(pc.is_in(table.column("image_id"), pa.array(sorted(excluded), pa.string()))))
+        captions.write(work, kept, kept_images)
+        counts.update(captions_in=table.num_rows, captions_out=kept.num_rows)
+    if (input_dir / captions.FOLDS_FILE).exists():
+        folds = json.loads((input_dir / captions.FOLDS_FILE).read_text())
+        write_json(work / captions.FOLDS_FILE, {name: [i for i in ids if i not in excluded] if isinstance(ids, list) else ids
+                                       for name, ids in folds.items()})
+    return counts
+
+
 def run_resize(input_dir: Path | str, output_dir: Path | str, cfg: ResizeConfig) -> Summary:
     """Resize the prepared dataset in `input_dir` into `output_dir` (see the module doc)."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -231,7 +249,9 @@ def run_resize(input_dir: Path | str, output_dir: Path | str, cfg: ResizeConfig)
         excluded = {f.image_id for f in failures}
         kept_images, kept_queries = keep_images(images, outputs, excluded), keep_queries(queries, excluded)
         manifest.write(work, kept_images, kept_queries)
+        carried = carry_image_text_files(input_dir, work, images, kept_images, excluded)
         write_json(work / REPORT_FILE, {
+            **carried,
             "images_in": images.num_rows,
             "images_out": kept_images.num_rows,
             "corrupt": [asdict(f) for f in failures],

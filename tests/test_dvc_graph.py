@@ -9,7 +9,7 @@ SECTIONS = {"prepare": ["dataset", "download"], "resize": ["resize"], "shard": [
 
 
 def leaves(prefix, node):
-    if isinstance(node, dict):
+    if isinstance(node, dict) and node:  # an empty mapping is one knob
         for key, value in node.items():
             yield from leaves(f"{prefix}.{key}", value)
     else:

@@ -2,9 +2,11 @@
 
 An adapter is a module exposing
     Config                        a `@section` dataclass for its own params subsection `dataset.<name>`
-    build(cfg, out_dir: Path)     writes image files under `out_dir/images/` and returns the
-                                  (images, queries) tables of `stages.manifest`, with image paths
-                                  relative to `out_dir` (e.g. `images/<image_id>.png`)
+    build(cfg, out_dir: Path, download: DownloadConfig)
+                                  fetches what it needs into its `raw_dir` (real datasets), writes
+                                  image files under `out_dir/images/` and returns the (images,
+                                  queries) tables of `stages.manifest`, with image paths relative
+                                  to `out_dir` (e.g. `images/<image_id>.png`)
 
 Adding a dataset means adding a module here and a line to ADAPTERS; the `prepare` stage stays the same.
 """
@@ -18,6 +20,11 @@ from stages.params import ParamsError
 # Imported lazily so that an adapter's heavy or optional dependencies load only when it is chosen.
 ADAPTERS: dict[str, str] = {
     "shapes": "stages.datasets.shapes",
+    "fashioniq": "stages.datasets.fashioniq",
+    "shoes": "stages.datasets.shoes",
+    "cirr": "stages.datasets.cirr",
+    "coco": "stages.datasets.coco",
+    "flickr30k": "stages.datasets.flickr30k",
 }
 
 
