@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from stages import manifest, prepare
 from stages.datasets import ADAPTERS, load_adapter
-from stages.params import ParamsError
+from stages.params import ParamsError, parse
 
 SHAPES = dict(
     seed=0,
@@ -75,7 +76,7 @@ def test_failed_build_leaves_nothing(workdir):
 @pytest.mark.parametrize(
     "dataset, message",
     [
-        ({"name": "coco", "shapes": SHAPES}, r"dataset\.name: unknown dataset 'coco'; known adapters: shapes"),
+        ({"name": "imagenet", "shapes": SHAPES}, r"dataset\.name: unknown dataset 'imagenet'; known adapters: cirr, coco, css3d"),
         ({"name": 3, "shapes": SHAPES}, r"dataset\.name: expected the name of an adapter"),
         ({"shapes": SHAPES}, r"dataset\.name: expected the name of an adapter, got None"),
         ({"name": "shapes"}, r"dataset\.shapes: missing"),
@@ -116,5 +117,15 @@ def test_every_registered_adapter_has_config_and_build():
 
 
 def test_unknown_adapter_lists_the_known_ones():
-    with pytest.raises(ParamsError, match=r"dataset\.name: unknown dataset 'fashioniq'; known adapters: shapes"):
-        load_adapter("fashioniq")
+    known = ", ".join(sorted(ADAPTERS))
+    assert known == "cirr, coco, css3d, fashion200k, fashioniq, flickr30k, mitstates, shapes, shoes"
+    with pytest.raises(ParamsError, match=rf"dataset\.name: unknown dataset 'imagenet'; known adapters: {known}"):
+        load_adapter("imagenet")
+
+
+def test_every_registered_adapter_loads_and_parses_its_params_yaml_section():
+    raw = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))["dataset"]
+    for name in ADAPTERS:
+        adapter = load_adapter(name)
+        assert callable(adapter.build)
+        parse(adapter.Config, f"dataset.{name}", raw[name])

@@ -23,6 +23,9 @@ ADAPTERS: dict[str, str] = {
     "fashioniq": "stages.datasets.fashioniq",
     "shoes": "stages.datasets.shoes",
     "cirr": "stages.datasets.cirr",
+    "css3d": "stages.datasets.css3d",
+    "mitstates": "stages.datasets.mitstates",
+    "fashion200k": "stages.datasets.fashion200k",
     "coco": "stages.datasets.coco",
     "flickr30k": "stages.datasets.flickr30k",
 }
