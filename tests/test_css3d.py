@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.server
 import json
 import os
-import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import zip_folder
 from PIL import Image
 
 from stages import manifest
@@ -137,7 +136,7 @@ def test_other_filesystem_copies_and_says_so_once(tmp_path, monkeypatch, capsys)
     def cross_device(source, dest):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(css3d.os, "link", cross_device)
+    monkeypatch.setattr(os, "link", cross_device)
     images, _ = css3d.build(config(raw), tmp_path / "out", DOWNLOAD)
     assert capsys.readouterr().err.count("copying the images instead of hard-linking") == 1
     for path in images.column("path").to_pylist():
@@ -147,13 +146,24 @@ def test_other_filesystem_copies_and_says_so_once(tmp_path, monkeypatch, capsys)
     assert report["images_copied_not_linked"] == 8
 
 
+def test_a_link_error_other_than_no_link_support_is_raised(tmp_path, monkeypatch):
+    raw = write_css(tmp_path / "raw")
+
+    def too_many_links(source, dest):
+        raise OSError(errno.EMLINK, "Too many links")
+
+    monkeypatch.setattr(os, "link", too_many_links)
+    with pytest.raises(OSError, match="Too many links"):
+        css3d.build(config(raw), tmp_path / "out", DOWNLOAD)
+
+
 # ---------------------------------------------------------------- bad or incomplete input
 
 
 def test_expect_full_names_file_expected_and_found(tmp_path):
     raw = write_css(tmp_path / "raw")
-    with pytest.raises(StageError, match=r"css_toy_dataset_novel2_small\.dup\.npy: train objects_img: "
-                                         r"expected 19,012 .*found 4"):
+    with pytest.raises(StageError, match=r"css_toy_dataset_novel2_small\.dup\.npy: expected 19,012 "
+                                         r"train objects_img .*found 4"):
         css3d.build(config(raw, expect_full=True), tmp_path / "out", DOWNLOAD)
 
 
@@ -192,41 +202,6 @@ def test_missing_data_without_url_says_where_to_get_it(tmp_path):
 
 
 # ---------------------------------------------------------------- CSS.zip over HTTP
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A static HTTP server on 127.0.0.1 serving tmp_path/served; yields (folder, base URL, requests)."""
-    served = tmp_path / "served"
-    served.mkdir()
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(served), **kwargs)
-
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{httpd.server_address[1]}", requests
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def zip_folder(folder: Path, archive: Path, prefix: str, extra: dict[str, bytes] | None = None) -> None:
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, f"{prefix}{path.relative_to(folder).as_posix()}")
-        for name, data in (extra or {}).items():
-            zf.writestr(name, data)
 
 
 def test_archive_is_downloaded_and_extracted_once(tmp_path, server):

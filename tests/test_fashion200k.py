@@ -19,7 +19,6 @@ from stages.cli import StageError
 from stages.datasets import fashion200k
 from stages.datasets.fashion200k import clean_caption, modification_text, parent_captions
 from stages.download import DownloadConfig
-from test_css3d import server  # noqa: F401  (the local HTTP server fixture)
 
 DOWNLOAD = DownloadConfig(workers=1, retries=0, backoff_seconds=0.0, timeout_seconds=5.0)
 D, T = "women/dresses", "women/tops/blouses"
@@ -202,7 +201,7 @@ def test_malformed_test_query_line_names_file_and_line(tmp_path):
 
 def test_expect_full_checks_documented_counts(tmp_path):
     raw = write_raw(tmp_path / "raw")
-    with pytest.raises(StageError, match=r"labels/\*test\*: test label lines: expected 29,789 .*found 6"):
+    with pytest.raises(StageError, match=r"labels/\*test\*: expected 29,789 test label lines .*found 6"):
         fashion200k.build(config(raw, expect_full=True), tmp_path / "out", DOWNLOAD)
 
 

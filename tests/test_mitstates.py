@@ -11,13 +11,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import zip_folder
 from PIL import Image
 
 from stages import manifest
 from stages.cli import StageError
 from stages.datasets import mitstates
 from stages.download import DownloadConfig
-from test_css3d import server, zip_folder  # noqa: F401  (the local HTTP server fixture)
 
 DOWNLOAD = DownloadConfig(workers=1, retries=0, backoff_seconds=0.0, timeout_seconds=5.0)
 

@@ -5,13 +5,18 @@ What every real adapter does the same way:
 * annotation files live under the adapter's `raw_dir`; with a base URL they are fetched there first
   (a file already there is not fetched again), and the sha256 of each one read goes into the report;
 * images are hard-linked from where they were downloaded or unpacked into `out_dir/images/...`
-  (copied when the file system refuses a link), so the manifest folder costs no extra disk;
+  (copied when the file system cannot link: another file system, or none with hard links), so the
+  manifest folder costs no extra disk;
 * a query is kept only when its reference and target images are both present and in the query's
   split; every dropped query is counted by reason in `out_dir/ingest_report.json`;
 * a malformed annotation file is a StageError naming the file and the record.
+
+`Ingest` is the collector of the TIRG adapters (CSS3D, MIT-States, Fashion200k), which list every
+dropped query in the report; archives are downloaded and unpacked by stages/datasets/archives.py.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from stages.atomic import write_json
 from stages.cli import StageError
@@ -32,6 +38,7 @@ from stages.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
 REPORT_FILE = "ingest_report.json"
 MISSING_LISTED = 50  # missing image ids written to the report per split (plus the total count)
 MISSING_SHOWN = 5  # missing names shown in an error or warning message
+LISTED = 1000  # entries an `Ingest` report lists per list (the report always has the full count)
 
 # Why a query was dropped; the keys of `dropped` in the report.
 NO_TARGET = "no_target"  # the annotation has no target (hidden test labels)
@@ -125,35 +132,51 @@ def check_count(path: Path | str, what: str, expected: int, found: int) -> None:
 # ---------------------------------------------------------------- images
 
 
+def safe_relative_path(path: str, where: str, what: str = "path") -> PurePosixPath:
+    """`path` as a relative POSIX path that stays inside its folder; an empty one, an absolute one or
+    one with '..' is a StageError naming `where` (an image path of an annotation, an archive member)."""
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise StageError(f"{where}: {what} {path!r} must be relative and must not contain '..'")
+    return pure
+
+
 def manifest_path(relative: str, where: str) -> str:
     """`images/<relative>` as a clean POSIX path; a name that climbs out ('..', absolute) is a StageError."""
-    path = PurePosixPath(relative.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise StageError(f"{where}: image path {relative!r} must be relative and must not contain '..'")
+    path = safe_relative_path(relative.replace("\\", "/"), where, "image path")
     return str(PurePosixPath("images", *[part for part in path.parts if part != "."]))
 
 
+# os.link's failures that mean "no hard link here" rather than a problem with the files: another file
+# system (EXDEV), or one without hard links (EPERM, ENOTSUP / EOPNOTSUPP). Any other error is raised.
+NO_LINK_ERRNOS = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
 class ImageLinker:
-    """Puts raw image files into the manifest folder: a hard link, or a copy where linking fails."""
+    """Puts raw image files into the manifest folder by hard link: no copy, no extra disk. Where the
+    file system cannot link (NO_LINK_ERRNOS) it copies instead, and says so once."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
         self.copied = 0
+        self._made_dirs: set[Path] = set()
 
     def place(self, source: Path, path: str) -> None:
         """Make `out_dir/path` the file `source` (path as written in images.parquet)."""
         dest = self.out_dir / path
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.parent not in self._made_dirs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(dest.parent)
         if dest.exists():
             dest.unlink()
         try:
             os.link(source, dest)
-        except FileNotFoundError:
-            raise
-        except OSError as err:  # EXDEV (another file system), EPERM, EMLINK, no link support
+        except OSError as err:
+            if err.errno not in NO_LINK_ERRNOS:
+                raise
             if self.copied == 0:
-                print(f"note: cannot hard-link {source} into {self.out_dir} ({err}); copying the images instead",
-                      file=sys.stderr)
+                print(f"note: cannot hard-link {source} into {self.out_dir} ({err}); "
+                      f"copying the images instead of hard-linking them", file=sys.stderr)
             shutil.copyfile(source, dest)
             self.copied += 1
 
@@ -285,8 +308,80 @@ class IngestReport:
 
     def write(self, out_dir: Path) -> dict:
         report = self.as_dict()
-        write_json(Path(out_dir) / REPORT_FILE, report)
+        write_ingest_report(out_dir, report)
         return report
+
+
+def write_ingest_report(out_dir: Path, report: dict) -> None:
+    """`out_dir/ingest_report.json`."""
+    write_json(Path(out_dir) / REPORT_FILE, report)
+
+
+def listed(items: list) -> dict:
+    """A list as a report gives it: the full count, and the first LISTED entries."""
+    return {"count": len(items), "first": items[:LISTED]}
+
+
+@dataclass
+class Ingest:
+    """What a TIRG adapter (CSS3D, MIT-States, Fashion200k) collects before writing: the manifest rows,
+    and what it had to leave out, every dropped query with its reason and detail."""
+
+    images: list[dict] = field(default_factory=list)
+    queries: list[dict] = field(default_factory=list)
+    sources: dict[str, Path] = field(default_factory=dict)  # image_id -> raw file to link
+    missing_images: dict[str, list[str]] = field(default_factory=dict)  # split -> image ids without a file
+    dropped: list[dict] = field(default_factory=list)  # {query_id, split, reason, detail}
+
+    def add_image(self, source: Path, image_id: str, path: str, split: str, caption: str) -> bool:
+        """Add the image if its file exists (True); else record it as missing (False)."""
+        if not source.is_file():
+            self.missing_images.setdefault(split, []).append(image_id)
+            return False
+        self.images.append({"image_id": image_id, "path": path, "split": split, "caption": caption})
+        self.sources[image_id] = source
+        return True
+
+    def add_query(self, query_id: str, split: str, reference_id: str, text: str, target_id: str) -> None:
+        self.queries.append(
+            {"query_id": query_id, "split": split, "reference_id": reference_id, "text": text, "target_id": target_id}
+        )
+
+    def drop(self, query_id: str, split: str, reason: str, detail: str) -> None:
+        self.dropped.append({"query_id": query_id, "split": split, "reason": reason, "detail": detail})
+
+    def link_images(self, out_dir: Path, dataset: str) -> int:
+        """Hard-link every image into out_dir (its `path`); returns how many had to be copied."""
+        linker = ImageLinker(out_dir)
+        for row in tqdm(self.images, desc=f"link {dataset} images", unit="img", disable=None):
+            linker.place(self.sources[row["image_id"]], row["path"])
+        return linker.copied
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        return tables(self.images, self.queries)
+
+    def report(self, dataset: str, raw_dir: Path, annotation_sha256: dict[str, str], splits: tuple[str, ...]) -> dict:
+        """The ingest report, in the layout of IngestReport: per split counts of images, missing images,
+        queries read and kept, and drops by reason; and every dropped query."""
+        return {
+            "dataset": dataset,
+            "raw_dir": str(raw_dir),
+            "annotation_sha256": dict(sorted(annotation_sha256.items())),
+            "splits": {split: self._split_report(split) for split in sorted(splits)},
+            "dropped_queries": listed(self.dropped),
+        }
+
+    def _split_report(self, split: str) -> dict:
+        kept = sum(1 for row in self.queries if row["split"] == split)
+        reasons = Counter(row["reason"] for row in self.dropped if row["split"] == split)
+        missing = self.missing_images.get(split, [])
+        return {
+            "images": sum(1 for row in self.images if row["split"] == split),
+            "missing_images": listed(missing),
+            "queries_read": kept + sum(reasons.values()),
+            "queries_kept": kept,
+            "dropped": dict(sorted(reasons.items())),
+        }
 
 
 def select_queries(

@@ -22,35 +22,20 @@ caption-level recall of protocols.md §1 can be computed from the manifests alon
 
 An image whose png is missing is left out of images.parquet, and so is every query naming it;
 `ingest_report.json` counts and lists both. With `expect_full` the counts of DATASETS.md §12 are checked.
-
-The second half of this module holds the helpers that the MIT-States and Fashion200k adapters share
-(download and safe extraction once, hard-linking images, the ingest report); they are candidates for
-stages/datasets/common.py.
 """
 from __future__ import annotations
 
-import errno
-import json
-import os
-import shutil
-import sys
-import tarfile
-import urllib.parse
-import zipfile
-import zlib
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
-from stages.atomic import atomic_path, write_json
 from stages.cli import StageError
-from stages.download import DownloadConfig, Item, fetch_all, sha256_of, write_report
-from stages.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
+from stages.datasets.archives import download_and_extract, is_junk, not_in_archive_hint
+from stages.datasets.common import MISSING_IMAGE, Ingest, check_count, write_ingest_report
+from stages.download import DownloadConfig, sha256_of
 from stages.params import require, section
 
 ANNOTATION_FILE = "css_toy_dataset_novel2_small.dup.npy"
@@ -174,9 +159,9 @@ def query_id(split: str, mod_index: int, pair_index: int) -> str:
     return f"{split}-{mod_index:06d}-{pair_index:02d}"
 
 
-def collect(annotation: dict[str, SplitAnnotation], images_dir: Path) -> _Ingest:
+def collect(annotation: dict[str, SplitAnnotation], images_dir: Path) -> Ingest:
     """Every image with a png on disk, and every (from, to) pair of every mod whose two images exist."""
-    ingest = _Ingest()
+    ingest = Ingest()
     for split in SPLITS:
         part = annotation[split]
         present = set()
@@ -189,21 +174,21 @@ def collect(annotation: dict[str, SplitAnnotation], images_dir: Path) -> _Ingest
                 qid = query_id(split, mod_index, pair_index)
                 absent = [image_id(split, i) for i in (source, target) if i not in present]
                 if absent:
-                    ingest.drop(qid, split, _MISSING_IMAGE, ", ".join(absent))
+                    ingest.drop(qid, split, MISSING_IMAGE, ", ".join(absent))
                 else:
                     ingest.add_query(qid, split, image_id(split, source), mod.text, image_id(split, target))
     return ingest
 
 
-def check_full_counts(annotation: dict[str, SplitAnnotation], ingest: _Ingest) -> None:
+def check_full_counts(annotation: dict[str, SplitAnnotation], ingest: Ingest) -> None:
     """DATASETS.md §12: objects_img, mods and (from, to) pairs per split, and a png for every image."""
     for split in SPLITS:
         part = annotation[split]
-        _check_count(ANNOTATION_FILE, f"{split} objects_img", EXPECTED_IMAGES[split], len(part.captions))
-        _check_count(ANNOTATION_FILE, f"{split} mods", EXPECTED_MODS[split], len(part.mods))
-        _check_count(ANNOTATION_FILE, f"{split} (from, to) pairs", EXPECTED_PAIRS[split], part.pair_count)
+        check_count(ANNOTATION_FILE, f"{split} objects_img", EXPECTED_IMAGES[split], len(part.captions))
+        check_count(ANNOTATION_FILE, f"{split} mods", EXPECTED_MODS[split], len(part.mods))
+        check_count(ANNOTATION_FILE, f"{split} (from, to) pairs", EXPECTED_PAIRS[split], part.pair_count)
         missing = ingest.missing_images.get(split, [])
-        _check_count("images/", f"{split} png files", len(part.captions), len(part.captions) - len(missing))
+        check_count("images/", f"{split} png files", len(part.captions), len(part.captions) - len(missing))
 
 
 # ---------------------------------------------------------------- finding the raw data
@@ -214,7 +199,7 @@ def find_data_root(raw_dir: Path) -> Path | None:
     if not raw_dir.is_dir():
         return None
     found = sorted(
-        (p for p in raw_dir.rglob(ANNOTATION_FILE) if not _is_junk(p.relative_to(raw_dir).as_posix())),
+        (p for p in raw_dir.rglob(ANNOTATION_FILE) if not is_junk(p.relative_to(raw_dir).as_posix())),
         key=lambda p: (len(p.parts), str(p)),
     )
     return found[0].parent if found else None
@@ -225,10 +210,10 @@ def obtain(cfg: Config, download: DownloadConfig) -> tuple[Path, dict | None]:
     raw_dir = Path(cfg.raw_dir)
     extraction = None
     if cfg.archive_url is not None:
-        extraction = _download_and_extract(cfg.archive_url, raw_dir, download, "download css3d")
+        extraction = download_and_extract(cfg.archive_url, raw_dir, download, "download css3d")
     root = find_data_root(raw_dir)
     if root is None:
-        how = (_not_in_archive_hint(cfg.archive_url, raw_dir) if cfg.archive_url is not None else
+        how = (not_in_archive_hint(cfg.archive_url, raw_dir) if cfg.archive_url is not None else
                f"download CSS.zip by hand from {DRIVE_URL} (Google Drive needs a browser) and unzip it into "
                f"{raw_dir}, or set archive_url to a URL of CSS.zip")
         raise StageError(f"{raw_dir}: missing {ANNOTATION_FILE} (looked in {raw_dir} and below); {how}")
@@ -254,233 +239,5 @@ def build(cfg: Config, out_dir: Path, download: DownloadConfig) -> tuple[pa.Tabl
             images_in_annotation=len(part.captions), images_without_objects=part.objectless,
             mods=len(part.mods), pairs=part.pair_count,
         )
-    _write_report(out_dir, {**report, "data_root": str(root), "archive": extraction, "images_copied_not_linked": copied})
+    write_ingest_report(out_dir, {**report, "data_root": str(root), "archive": extraction, "images_copied_not_linked": copied})
     return ingest.tables()
-
-
-# ================================================================ shared helpers
-# Used by the css3d, mitstates and fashion200k adapters; candidates for stages/datasets/common.py.
-
-_REPORT_FILE = "ingest_report.json"
-_LISTED = 1000  # entries listed per report list (the report always has the full count)
-_MISSING_IMAGE = "missing_image"  # a drop reason: the reference or target file is not on disk
-_JUNK_PARTS = ("__MACOSX",)  # folders of macOS archives that hold no data
-
-
-@dataclass
-class _Ingest:
-    """What an adapter collects before writing: the manifest rows, and what it had to leave out."""
-
-    images: list[dict] = field(default_factory=list)
-    queries: list[dict] = field(default_factory=list)
-    sources: dict[str, Path] = field(default_factory=dict)  # image_id -> raw file to link
-    missing_images: dict[str, list[str]] = field(default_factory=dict)  # split -> image ids without a file
-    dropped: list[dict] = field(default_factory=list)  # {query_id, split, reason, detail}
-
-    def add_image(self, source: Path, image_id: str, path: str, split: str, caption: str) -> bool:
-        """Add the image if its file exists (True); else record it as missing (False)."""
-        if not source.is_file():
-            self.missing_images.setdefault(split, []).append(image_id)
-            return False
-        self.images.append({"image_id": image_id, "path": path, "split": split, "caption": caption})
-        self.sources[image_id] = source
-        return True
-
-    def add_query(self, query_id: str, split: str, reference_id: str, text: str, target_id: str) -> None:
-        self.queries.append(
-            {"query_id": query_id, "split": split, "reference_id": reference_id, "text": text, "target_id": target_id}
-        )
-
-    def drop(self, query_id: str, split: str, reason: str, detail: str) -> None:
-        self.dropped.append({"query_id": query_id, "split": split, "reason": reason, "detail": detail})
-
-    def link_images(self, out_dir: Path, dataset: str) -> int:
-        """Hard-link every image into out_dir (its `path`); returns how many had to be copied."""
-        linker = _ImageLinker(out_dir)
-        for row in tqdm(self.images, desc=f"link {dataset} images", unit="img", disable=None):
-            linker.link(self.sources[row["image_id"]], row["path"])
-        return linker.copied
-
-    def tables(self) -> tuple[pa.Table, pa.Table]:
-        return (pa.Table.from_pylist(self.images, schema=IMAGES_SCHEMA),
-                pa.Table.from_pylist(self.queries, schema=QUERIES_SCHEMA))
-
-    def report(self, dataset: str, raw_dir: Path, annotation_sha256: dict[str, str], splits: tuple[str, ...]) -> dict:
-        """The ingest report, in the layout of stages/datasets/common.py's IngestReport: per split
-        counts of images, missing images, queries read and kept, and drops by reason."""
-        return {
-            "dataset": dataset,
-            "raw_dir": str(raw_dir),
-            "annotation_sha256": dict(sorted(annotation_sha256.items())),
-            "splits": {split: self._split_report(split) for split in sorted(splits)},
-            "dropped_queries": _listed(self.dropped),
-        }
-
-    def _split_report(self, split: str) -> dict:
-        kept = sum(1 for row in self.queries if row["split"] == split)
-        reasons = Counter(row["reason"] for row in self.dropped if row["split"] == split)
-        missing = self.missing_images.get(split, [])
-        return {
-            "images": sum(1 for row in self.images if row["split"] == split),
-            "missing_images": {"count": len(missing), "first": missing[:_LISTED]},
-            "queries_read": kept + sum(reasons.values()),
-            "queries_kept": kept,
-            "dropped": dict(sorted(reasons.items())),
-        }
-
-
-def _listed(items: list) -> dict:
-    return {"count": len(items), "first": items[:_LISTED]}
-
-
-def _write_report(out_dir: Path, report: dict) -> None:
-    write_json(Path(out_dir) / _REPORT_FILE, report)
-
-
-def _check_count(file: str, what: str, expected: int, found: int) -> None:
-    """With expect_full: the documented count of the full dataset, or a StageError naming all three."""
-    if expected != found:
-        raise StageError(
-            f"{file}: {what}: expected {expected:,} (the full dataset), found {found:,}; "
-            f"set expect_full: false to build from a partial copy"
-        )
-
-
-def _safe_relative_path(path: str, where: str) -> PurePosixPath:
-    """`path` as a relative POSIX path that stays inside its folder; else a StageError naming `where`."""
-    pure = PurePosixPath(path)
-    if not path or pure.is_absolute() or ".." in pure.parts:
-        raise StageError(f"{where}: path {path!r} must be relative and must not contain '..'")
-    return pure
-
-
-class _ImageLinker:
-    """Puts dataset images into out_dir by hard link: no copy, no extra disk. When the raw data is on
-    another filesystem (EXDEV) it copies instead, and says so once."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-        self.copied = 0
-        self._made_dirs: set[Path] = set()
-
-    def link(self, source: Path, relative_path: str) -> None:
-        dest = self.out_dir / relative_path
-        if dest.parent not in self._made_dirs:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self._made_dirs.add(dest.parent)
-        try:
-            os.link(source, dest)
-        except OSError as err:
-            if err.errno != errno.EXDEV:
-                raise
-            if self.copied == 0:
-                print(f"note: {source.parent} and {self.out_dir} are on different filesystems; "
-                      f"copying the images instead of hard-linking them", file=sys.stderr)
-            shutil.copyfile(source, dest)
-            self.copied += 1
-
-
-# ---------------------------------------------------------------- downloads and archives
-
-
-def _url_file_name(url: str) -> str:
-    """The last path segment of `url` (`.../CSS.zip` -> `CSS.zip`)."""
-    name = PurePosixPath(urllib.parse.urlparse(url).path).name
-    if not name:
-        raise StageError(f"{url}: the URL names no file")
-    return name
-
-
-def _download_file(url: str, dest: Path, download: DownloadConfig, desc: str) -> None:
-    """Fetch `url` to `dest` with stages.download; a failure is a StageError. The download report
-    goes beside `dest` (in raw_dir), so that prepare's output does not depend on the first run."""
-    results = fetch_all([Item(url=url, dest=dest)], download, desc=desc)
-    write_report(dest.with_name(f".{dest.name}.download.json"), results)
-    if not results[0].ok:
-        raise StageError(f"{url}: download to {dest} {results[0].status}: {results[0].error}")
-
-
-def _marker(archive: Path) -> Path:
-    """The file whose presence says `archive` was fully extracted; it records what happened."""
-    return archive.with_name(f".{archive.name}.extracted.json")
-
-
-def _download_and_extract(url: str, raw_dir: Path, download: DownloadConfig, desc: str) -> dict:
-    """Download the archive at `url` into raw_dir and extract it there, both once: when the marker of a
-    finished extraction exists nothing is requested or unpacked again. Returns the marker's record."""
-    archive = raw_dir / _url_file_name(url)
-    if not _marker(archive).exists():
-        raw_dir.mkdir(parents=True, exist_ok=True)
-        _download_file(url, archive, download, desc)
-    return _extract_once(archive, raw_dir, url)
-
-
-def _not_in_archive_hint(url: str, raw_dir: Path) -> str:
-    """What to say when data expected from the archive at `url` is not in raw_dir."""
-    marker = _marker(raw_dir / _url_file_name(url))
-    return (f"the archive {url} does not hold it, or its extracted files were removed since "
-            f"(delete {marker} to extract the archive again)")
-
-
-def _extract_once(archive: Path, dest: Path, url: str | None = None) -> dict:
-    """Extract a zip or a tar(.gz) into `dest` unless its marker says that was done; returns the record
-    {archive, url, sha256, members, unreadable_members}. Members under __MACOSX/ are skipped. A zip
-    member whose data is corrupt (bad CRC) is skipped and listed: MIT-States' zip is reported partly
-    corrupt (DATASETS.md §3), and losing a few images should not lose the dataset."""
-    marker = _marker(archive)
-    if marker.exists():
-        return json.loads(marker.read_text())
-    print(f"extract {archive} -> {dest}", file=sys.stderr)
-    if zipfile.is_zipfile(archive):
-        members, unreadable = _extract_zip(archive, dest)
-    elif tarfile.is_tarfile(archive):
-        members, unreadable = _extract_tar(archive, dest), []
-    else:
-        raise StageError(f"{archive}: neither a zip nor a tar archive (a truncated download? delete it to refetch)")
-    record = {"archive": archive.name, "url": url, "sha256": sha256_of(archive), "members": members,
-              "unreadable_members": unreadable}
-    write_json(marker, record)
-    return record
-
-
-def _is_junk(name: str) -> bool:
-    return any(part in _JUNK_PARTS for part in PurePosixPath(name).parts)
-
-
-def _extract_zip(archive: Path, dest: Path) -> tuple[int, list[str]]:
-    """Check every member name first (nothing is written when one would leave `dest`), then extract,
-    each file atomically."""
-    with zipfile.ZipFile(archive) as zf:
-        infos = [info for info in zf.infolist() if not _is_junk(info.filename)]
-        for info in infos:
-            _safe_relative_path(info.filename, f"{archive}: member")
-        unreadable = []
-        for info in tqdm(infos, desc=f"extract {archive.name}", unit="file", disable=None):
-            target = dest / info.filename
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as source, atomic_path(target) as tmp, open(tmp, "wb") as sink:
-                    shutil.copyfileobj(source, sink)
-            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-                print(f"extract {archive.name}: skipping unreadable member {info.filename}: {err}", file=sys.stderr)
-                unreadable.append(info.filename)
-    return len(infos), unreadable
-
-
-def _extract_tar(archive: Path, dest: Path) -> int:
-    """tarfile's 'data' filter refuses absolute paths, `..`, links leaving `dest` and device files;
-    every member is checked before anything is written."""
-    try:
-        with tarfile.open(archive) as tf:
-            members = [m for m in tf.getmembers() if not _is_junk(m.name)]
-            for member in members:
-                tarfile.data_filter(member, str(dest))
-            tf.extractall(dest, members=members, filter="data")
-    except tarfile.FilterError as err:
-        raise StageError(f"{archive}: a member would be written outside {dest}: {err}") from None
-    except (tarfile.TarError, EOFError, zlib.error) as err:
-        raise StageError(f"{archive}: unreadable tar archive ({err}); delete it to refetch") from None
-    return len(members)

@@ -46,15 +46,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from stages.cli import StageError
-from stages.datasets.css3d import (  # shared helpers, until stages/datasets/common.py takes them
-    _MISSING_IMAGE,
-    _check_count,
-    _download_file,
-    _extract_once,
-    _Ingest,
-    _listed,
-    _safe_relative_path,
-    _write_report,
+from stages.datasets.archives import download_file, extract_once
+from stages.datasets.common import (
+    MISSING_IMAGE,
+    Ingest,
+    check_count,
+    listed,
+    safe_relative_path,
+    write_ingest_report,
 )
 from stages.download import DownloadConfig, sha256_of
 from stages.params import require, section
@@ -149,7 +148,7 @@ def obtain(cfg: Config, download: DownloadConfig) -> dict | None:
         raise StageError(f"{raw_dir / 'labels'}: missing; {manual}")
     extraction = None
     if (raw_dir / IMAGES_ARCHIVE).is_file():
-        extraction = _extract_once(raw_dir / IMAGES_ARCHIVE, raw_dir)
+        extraction = extract_once(raw_dir / IMAGES_ARCHIVE, raw_dir)
     if not (raw_dir / "women").is_dir():
         raise StageError(f"{raw_dir / 'women'}: missing (the images); {manual}")
     queries_file = raw_dir / TEST_QUERIES_FILE
@@ -157,7 +156,7 @@ def obtain(cfg: Config, download: DownloadConfig) -> dict | None:
         if cfg.test_queries_url is None:
             raise StageError(f"{queries_file}: missing; set test_queries_url, or download it from "
                              f"https://storage.googleapis.com/image_retrieval_css/test_queries.txt")
-        _download_file(cfg.test_queries_url, queries_file, download, "download fashion200k test queries")
+        download_file(cfg.test_queries_url, queries_file, download, "download fashion200k test queries")
     return extraction
 
 
@@ -198,7 +197,7 @@ def read_labels(path: Path, where_prefix: str, stats: LabelStats, split: str) ->
             float(score)
         except ValueError:
             raise StageError(f"{path}:{number}: detection score {score!r} is not a number") from None
-        _safe_relative_path(image_path, f"{path}:{number}")
+        safe_relative_path(image_path, f"{path}:{number}")
         if any(extra.strip() for extra in fields[3:]):
             stats.lines_with_extra_fields += 1
         labels.append(Label(image_path, clean_caption(fields[2]), where))
@@ -223,7 +222,7 @@ def read_test_queries(path: Path) -> list[tuple[int, str, str]]:
 
 @dataclass
 class Collected:
-    ingest: _Ingest
+    ingest: Ingest
     split_of: dict[str, str]  # every labelled path (with a file or not) -> its split
     caption_of: dict[str, str]
     duplicates: list[str]  # "labels/<file>:<line>: <path> (first at ...)"
@@ -231,7 +230,7 @@ class Collected:
 
 def collect_images(raw_dir: Path, labels: dict[str, list[Label]]) -> Collected:
     """Every labelled image once (the first line wins); those without a file are recorded as missing."""
-    collected = Collected(_Ingest(), {}, {}, [])
+    collected = Collected(Ingest(), {}, {}, [])
     first_at: dict[str, str] = {}
     for split in READ_ORDER:
         for label in labels[split]:
@@ -261,7 +260,7 @@ def add_test_queries(collected: Collected, pairs: list[tuple[int, str, str]], qu
             continue
         missing = [path for path in (source, target) if path not in ingest.sources]
         if missing:
-            ingest.drop(query_id, "test", _MISSING_IMAGE, ", ".join(missing))
+            ingest.drop(query_id, "test", MISSING_IMAGE, ", ".join(missing))
             continue
         text = modification_text(collected.caption_of[source], collected.caption_of[target])
         ingest.add_query(query_id, "test", source, text, target)
@@ -300,7 +299,7 @@ class CaptionIndex:
         return sibling, rng.choice(self.images_of[sibling])
 
 
-def add_train_queries(ingest: _Ingest, seed: int, max_queries: int | None) -> dict:
+def add_train_queries(ingest: Ingest, seed: int, max_queries: int | None) -> dict:
     """One query per modifiable training image (or a seeded sample of max_queries of them); returns counts."""
     rng = random.Random(seed)
     train = [row for row in ingest.images if row["split"] == "train"]
@@ -327,8 +326,8 @@ def build(cfg: Config, out_dir: Path, download: DownloadConfig) -> tuple[pa.Tabl
     pairs = read_test_queries(raw_dir / TEST_QUERIES_FILE)
     if cfg.expect_full:
         for split in READ_ORDER:
-            _check_count(f"labels/*{split}*", f"{split} label lines", EXPECTED_LABEL_LINES[split], stats.lines[split])
-        _check_count(TEST_QUERIES_FILE, "query lines", EXPECTED_TEST_QUERIES, len(pairs))
+            check_count(f"labels/*{split}*", f"{split} label lines", EXPECTED_LABEL_LINES[split], stats.lines[split])
+        check_count(TEST_QUERIES_FILE, "query lines", EXPECTED_TEST_QUERIES, len(pairs))
     collected = collect_images(raw_dir, labels)
     add_test_queries(collected, pairs, TEST_QUERIES_FILE, cfg.expect_full)
     train_counts = add_train_queries(collected.ingest, cfg.seed, cfg.max_train_queries)
@@ -340,10 +339,10 @@ def build(cfg: Config, out_dir: Path, download: DownloadConfig) -> tuple[pa.Tabl
     for split in READ_ORDER:
         report["splits"][split]["label_lines"] = stats.lines[split]
     report["splits"]["train"].update(train_counts)
-    _write_report(out_dir, {
+    write_ingest_report(out_dir, {
         **report,
         "archive": extraction,
-        "duplicate_label_lines": _listed(collected.duplicates),
+        "duplicate_label_lines": listed(collected.duplicates),
         "blank_label_lines": stats.blank_lines,
         "label_lines_with_extra_fields": stats.lines_with_extra_fields,
         "images_copied_not_linked": copied,

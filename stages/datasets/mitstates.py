@@ -39,13 +39,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from stages.cli import StageError
-from stages.datasets.css3d import (  # shared helpers, until stages/datasets/common.py takes them
-    _download_and_extract,
-    _Ingest,
-    _listed,
-    _not_in_archive_hint,
-    _write_report,
-)
+from stages.datasets.archives import download_and_extract, not_in_archive_hint
+from stages.datasets.common import Ingest, listed, write_ingest_report
 from stages.download import DownloadConfig
 from stages.params import require, section
 
@@ -113,11 +108,11 @@ def find_images_dir(cfg: Config, download: DownloadConfig) -> tuple[Path, dict |
     raw_dir = Path(cfg.raw_dir)
     extraction = None
     if cfg.archive_url is not None:
-        extraction = _download_and_extract(cfg.archive_url, raw_dir, download, "download mitstates")
+        extraction = download_and_extract(cfg.archive_url, raw_dir, download, "download mitstates")
     for relative in IMAGES_DIRS:
         if (raw_dir / relative).is_dir():
             return raw_dir / relative, extraction
-    how = (_not_in_archive_hint(cfg.archive_url, raw_dir) if cfg.archive_url is not None else
+    how = (not_in_archive_hint(cfg.archive_url, raw_dir) if cfg.archive_url is not None else
            f"download release_dataset.zip from {PROJECT_URL} and unzip it into {raw_dir}, "
            f"or set archive_url to a URL of release_dataset.zip")
     raise StageError(f"{raw_dir}: missing the images folder ({' or '.join(IMAGES_DIRS)}, "
@@ -177,11 +172,11 @@ def check_test_nouns(images: list[StateImage], images_dir: Path) -> None:
 # ---------------------------------------------------------------- queries
 
 
-def collect(scan: Scan, images_dir: Path, seed: int, per_image: int) -> _Ingest:
+def collect(scan: Scan, images_dir: Path, seed: int, per_image: int) -> Ingest:
     """All images, then test queries as TIRG enumerates them and seeded training queries."""
     adjectives = adjectives_by_noun(scan.images, images_dir)
     by_caption: dict[str, list[StateImage]] = defaultdict(list)
-    ingest = _Ingest()
+    ingest = Ingest()
     for image in scan.images:
         by_caption[image.caption].append(image)
         ingest.add_image(images_dir / image.folder / image.file, image.image_id,
@@ -223,14 +218,14 @@ def build(cfg: Config, out_dir: Path, download: DownloadConfig) -> tuple[pa.Tabl
         report["splits"][split].update(
             nouns=len({image.noun for image in images}), captions=len({image.caption for image in images})
         )
-    _write_report(out_dir, {
+    write_ingest_report(out_dir, {
         **report,
         "data_root": str(images_dir),
         "archive": extraction,
         "listing_sha256": listing_sha256(scan.images),
         "adjectives": len({image.adj for image in scan.images}),
-        "skipped_folders": {reason: _listed(names) for reason, names in sorted(scan.skipped_folders.items())},
-        "hidden_files_skipped": _listed(scan.hidden_files),
+        "skipped_folders": {reason: listed(names) for reason, names in sorted(scan.skipped_folders.items())},
+        "hidden_files_skipped": listed(scan.hidden_files),
         "images_copied_not_linked": copied,
     })
     return ingest.tables()
