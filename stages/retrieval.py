@@ -63,3 +63,24 @@ def recall_at_k(ranked: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> d
 
 def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+# WHM, the "Weighted Harmonic Mean" protocol GA (Huang et al., TMM 2022) proposes to assess
+# generalisation. Its formula could not be read (no access to the paper; the GA code does not compute
+# it), so both candidate readings of ../shared/spec/methods.md §2.5 are offered and chosen in params.
+# Numbers from either are provisional until checked against the paper.
+
+
+def whm_over_splits(seen: float, unseen: float, beta: float) -> float:
+    """(1 + β²)·R_seen·R_unseen / (β²·R_seen + R_unseen): β > 1 weighs the unseen split more."""
+    denominator = beta**2 * seen + unseen
+    return 0.0 if denominator == 0 else (1 + beta**2) * seen * unseen / denominator
+
+
+def whm_over_recall_levels(recalls: list[float], weights: list[float]) -> float:
+    """Σ_k w_k / Σ_k (w_k / R@k); 0 when any recall is 0."""
+    if len(recalls) != len(weights):
+        raise ValueError(f"{len(recalls)} recall levels but {len(weights)} weights")
+    if any(r == 0 for r in recalls):
+        return 0.0
+    return sum(weights) / sum(w / r for w, r in zip(weights, recalls))

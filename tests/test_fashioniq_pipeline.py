@@ -30,7 +30,8 @@ def test_fashioniq_runs_through_resize_shard_and_evaluate(web, tmp_path, monkeyp
     params = {
         "dataset": {"name": "fashioniq", "fashioniq": fiq},
         "download": {"workers": 4, "retries": 0, "backoff_seconds": 0.0, "timeout_seconds": 10.0},
-        "evaluate": {"splits": ["val"], "ks": [1, 5, 10], "batch_size": 32, "device": "cpu"},
+        "evaluate": {"splits": ["val"], "ks": [1, 5, 10], "batch_size": 32, "device": "cpu",
+                     "whm": {"definition": "recall_levels", "beta": 1.0, "weights": [1.0, 1.0, 1.0]}},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -58,3 +59,4 @@ def test_fashioniq_runs_through_resize_shard_and_evaluate(web, tmp_path, monkeyp
     for name in ("tirg", "image_only", "text_only"):
         recalls = metrics[name]["val"]
         assert set(recalls) == {"r1", "r5", "r10"} and recalls["r1"] <= recalls["r5"] <= recalls["r10"] <= 100
+        assert 0 <= metrics[name]["whm"]["val"] <= recalls["r10"]

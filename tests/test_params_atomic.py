@@ -48,6 +48,13 @@ def test_missing_key_and_section_are_named(tmp_path):
         load(EvaluateConfig, "evaluate", tmp_path / "p.yaml")
     with pytest.raises(ParamsError, match="evaluate.ks: must be increasing"):
         parse(EvaluateConfig, "evaluate", {**repo_params()["evaluate"], "ks": [10, 1]})
+    with pytest.raises(ParamsError, match="evaluate.whm.weights: needs one weight per evaluate.ks"):
+        parse(EvaluateConfig, "evaluate", {**repo_params()["evaluate"], "ks": [1, 10]})
+    with pytest.raises(ParamsError, match="evaluate.whm.definition: 'splits' compares exactly two splits"):
+        parse(EvaluateConfig, "evaluate", {**repo_params()["evaluate"], "splits": ["test"]})
+    with pytest.raises(ParamsError, match=r"evaluate\.whm\.definition: Input should be 'splits' or 'recall_levels'"):
+        raw = repo_params()["evaluate"]
+        parse(EvaluateConfig, "evaluate", {**raw, "whm": {**raw["whm"], "definition": "f1"}})
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):

@@ -27,6 +27,9 @@ def test_dvc_repro_runs_every_stage_then_skips_them(tiny_repo):
         assert set(values["tirg"][split]) == {"r1", "r5", "r10"}
         assert all(0 <= v <= 100 for v in values["tirg"][split].values())
     assert values["counts"]["test"]["queries"] == 60
+    whm, test, novel = values["tirg"]["whm"], values["tirg"]["test"], values["tirg"]["novel"]
+    assert set(whm) == {"r1", "r5", "r10"}  # whm.definition = splits: one value per recall level
+    assert min(test["r10"], novel["r10"]) <= whm["r10"] <= max(test["r10"], novel["r10"])
     assert (tiny_repo / "data/pretrain/live/plots/metrics/loss.tsv").exists()
 
     second = run(["dvc", "repro"], tiny_repo)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stages.mine import MineConfig, mine, read_negatives, to_table
-from stages.retrieval import chunked_topk, harmonic_mean, recall_at_k
+from stages.retrieval import chunked_topk, harmonic_mean, recall_at_k, whm_over_recall_levels, whm_over_splits
 
 
 def test_recall_at_k_on_hand_built_embeddings():
@@ -71,3 +71,18 @@ def test_mining_matches_brute_force_and_never_returns_the_target(tmp_path):
     negatives = read_negatives(path)
     assert negatives["q3"] == [gallery_ids[i] for i in indices[3].tolist()]
     assert len(negatives) == 40 and all(len(v) == 5 for v in negatives.values())
+
+
+def test_whm_over_splits_is_the_f_beta_combination():
+    assert whm_over_splits(60.0, 40.0, beta=1.0) == pytest.approx(48.0)  # the plain harmonic mean
+    assert whm_over_splits(60.0, 40.0, beta=2.0) == pytest.approx(5 * 60 * 40 / (4 * 60 + 40))
+    assert whm_over_splits(60.0, 40.0, beta=2.0) < whm_over_splits(60.0, 40.0, beta=0.5)  # β weighs unseen
+    assert whm_over_splits(0.0, 0.0, beta=1.0) == 0.0
+
+
+def test_whm_over_recall_levels_is_a_weighted_harmonic_mean():
+    assert whm_over_recall_levels([20.0, 50.0], [1.0, 1.0]) == pytest.approx(2 / (1 / 20 + 1 / 50))
+    assert whm_over_recall_levels([20.0, 50.0], [3.0, 1.0]) == pytest.approx(4 / (3 / 20 + 1 / 50))
+    assert whm_over_recall_levels([0.0, 50.0], [1.0, 1.0]) == 0.0
+    with pytest.raises(ValueError, match="2 recall levels but 1 weights"):
+        whm_over_recall_levels([20.0, 50.0], [1.0])

@@ -17,7 +17,7 @@ TINY = {
     "pretrain": {"steps": 12, "batch_size": 16, "checkpoint_every": 5, "log_every": 4, "workers": 0},
     "mine": {"k": 5, "batch_size": 64},
     "train": {"steps": 6, "batch_size": 16, "checkpoint_every": 5, "log_every": 2, "workers": 0},
-    "evaluate": {"ks": [1, 5, 10], "batch_size": 64},
+    "evaluate": {"ks": [1, 5, 10], "batch_size": 64, "whm": {"weights": [1.0, 1.0, 1.0]}},
 }
 
 
