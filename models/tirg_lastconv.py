@@ -1,0 +1,81 @@
+"""TIRG-LastConv: TIRG's gated residual applied on the last conv map (Vo et al., CVPR 2019, §3.3 variant).
+
+This is what GA (fuxianghuang1/GA) instantiates for `--model tirg` (class TIRGLastConv):
+
+    X ∈ R^{B×c×h×w}  (ResNet layer4 map),   T = tile(φ_t) over h×w,   Z = [X; T]
+    residual  R   = Conv3×3(m→c)(ReLU(Conv3×3(m→m)(BN2d(Z))))          (TIRG eq. 3, spatial form)
+    gate      T_g = same stack, own weights                             (TIRG eq. 2, spatial form)
+    X'            = a0 · σ(T_g) ⊙ X + a1 · R                             (TIRG eq. 1)
+    f             = FC(avgpool(X'))                                     (composed query)
+
+with m = c + text_dim (= 2c for GA's 512/512) and a = (1, 10, 1, 1) learnable, only a0, a1 used.
+Targets use the plain image path FC(avgpool(X)).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torchvision
+from torch import nn
+
+from models.tirg import NormalizationLayer
+
+
+def _conv_stack(merged: int, channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.BatchNorm2d(merged),
+        nn.Conv2d(merged, merged, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(merged, channels, 3, padding=1),
+    )
+
+
+class TIRGLastConv(nn.Module):
+    def __init__(self, feature_extractor: nn.Module, image_fc: nn.Module, text_encoder: nn.Module,
+                 channels: int, text_dim: int, norm_scale: float):
+        super().__init__()
+        self.feature_extractor, self.image_fc, self.text_encoder = feature_extractor, image_fc, text_encoder
+        merged = channels + text_dim
+        self.a = nn.Parameter(torch.tensor([1.0, 10.0, 1.0, 1.0]))  # only a0, a1 are used
+        self.residual = _conv_stack(merged, channels)  # GA `mod2d`
+        self.gate = _conv_stack(merged, channels)  # GA `mod2d_gate`
+        self.normalize = NormalizationLayer(norm_scale)
+
+    def pool_fc(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Global average pool → the image model's FC."""
+        return self.image_fc(feature_map.mean(dim=(2, 3)))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """φ_x = FC(avgpool(X)): the target/gallery side, un-normalised."""
+        return self.pool_fc(self.feature_extractor(images))
+
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """φ_t."""
+        return self.text_encoder(tokens, lengths)
+
+    def compose_maps(self, x: torch.Tensor, phi_t: torch.Tensor) -> torch.Tensor:
+        """X' = a0·σ(T_g)⊙X + a1·R on the B×c×h×w map X (eq. 1)."""
+        t = phi_t[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])  # tile φ_t over h×w
+        z = torch.cat([x, t], dim=1)
+        return self.a[0] * torch.sigmoid(self.gate(z)) * x + self.a[1] * self.residual(z)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The composed query f = FC(avgpool(X')) (un-normalised)."""
+        x = self.feature_extractor(images)
+        return self.pool_fc(self.compose_maps(x, self.encode_text(tokens, lengths)))
+
+
+def resnet_trunk(depth: int = 18) -> tuple[nn.Sequential, int]:
+    """torchvision ResNet-{18,50} from conv1 up to layer4 (no pool, no fc) and its output channels.
+
+    Built with weights=None; the caller loads ImageNet weights (e.g. `trunk.load_state_dict(sd, strict=False)`
+    with the torchvision key names, which the Sequential keeps: conv1, bn1, layer1..layer4).
+    """
+    builders = {18: (torchvision.models.resnet18, 512), 50: (torchvision.models.resnet50, 2048)}
+    if depth not in builders:
+        raise ValueError(f"depth must be 18 or 50, got {depth}")
+    build, channels = builders[depth]
+    net = build(weights=None)
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), channels

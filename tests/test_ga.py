@@ -1,0 +1,140 @@
+"""GA regularisers (models/ga.py): adversarial input-gradient penalty and isotropic gradient noise."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.ga import adversarial_penalty, isotropic_gradient_noise, isotropic_term
+
+B, C, H, W = 4, 3, 2, 5
+D = C * H * W
+
+
+def _linear_loss(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """L = mean_i v·x_i  ⇒  ∇_{x_i} L = v / B,  B·∇_{x_i} L = v."""
+    return (x * v).sum(dim=(1, 2, 3)).mean()
+
+
+@pytest.mark.parametrize("q", [1.0, 2.0])
+def test_adversarial_penalty_known_answer(q):
+    torch.manual_seed(0)
+    x = torch.randn(B, C, H, W, requires_grad=True)
+    v = torch.randn(C, H, W)
+    lam = 1e-3
+    r = adversarial_penalty(_linear_loss(x, v), x, batch_size=B, lam=lam, q=q)
+    norm_q = v.abs().pow(q).sum().pow(1 / q)
+    expected = lam / 2 * D ** (1 - 1 / q) * norm_q
+    assert torch.allclose(r, expected, rtol=1e-5)
+    if q == 1.0:  # d^0 = 1: R_adv = (λ/2)·‖v‖₁
+        assert torch.allclose(r, lam / 2 * v.abs().sum(), rtol=1e-5)
+
+
+def test_adversarial_penalty_defaults_are_the_released_ones():
+    x = torch.randn(B, C, H, W, requires_grad=True)
+    v = torch.randn(C, H, W)
+    r = adversarial_penalty(_linear_loss(x, v), x, batch_size=B)
+    assert torch.allclose(r, 5e-7 * v.abs().sum(), rtol=1e-5)
+
+
+def test_adversarial_penalty_gradient_reaches_the_parameters():
+    """Double back-prop: with L = mean_i v·x_i and v a parameter, R = (λ/2)‖v‖₁ ⇒ ∂R/∂v = (λ/2)·sign(v)."""
+    torch.manual_seed(1)
+    v = nn.Parameter(torch.randn(C, H, W))
+    x = torch.randn(B, C, H, W).requires_grad_(True)
+    lam = 1e-2
+    adversarial_penalty(_linear_loss(x, v), x, batch_size=B, lam=lam).backward()
+    assert torch.allclose(v.grad, lam / 2 * torch.sign(v.detach()))
+
+
+def test_adversarial_penalty_through_a_nonlinear_model():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(B, C, H, W).requires_grad_(True)
+    loss = net(x).pow(2).mean()
+    total = loss + adversarial_penalty(loss, x, batch_size=B, lam=1.0)
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_adversarial_penalty_requires_a_grad_leaf():
+    x = torch.randn(B, C, H, W)
+    with pytest.raises(ValueError, match="requires_grad_"):
+        adversarial_penalty(torch.zeros(()), x, batch_size=B)
+
+
+class ThreeParams(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Parameter(torch.randn(2, 3))
+        self.second = nn.Parameter(torch.randn(5))
+        self.frozen = nn.Parameter(torch.randn(4), requires_grad=False)  # not counted in P
+        self.third = nn.Parameter(torch.randn(1, 4))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("mode,weights", [("clean", [1, 1, 1]), ("as_released", [3, 2, 1])])
+def test_isotropic_noise_equals_the_formula(mode, weights):
+    torch.manual_seed(0)
+    m = ThreeParams()
+    trainable = [m.first, m.second, m.third]
+    before = [torch.randn_like(p) for p in trainable]
+    for p, g in zip(trainable, before):
+        p.grad = g.clone()
+    isotropic_gradient_noise(m, weight=0.01, mode=mode, generator=_gen(7))
+    gen = _gen(7)
+    for w, p, g in zip(weights, trainable, before):
+        xi = torch.randn(p.shape, generator=gen)
+        assert torch.allclose(p.grad, g + w * 0.01 * (xi + 1) / p.numel(), atol=1e-7)
+    assert m.frozen.grad is None
+
+
+def test_as_released_differs_from_clean_by_the_running_sum_weights():
+    m = ThreeParams()
+    isotropic_gradient_noise(m, mode="clean", generator=_gen(3))
+    clean = [p.grad.clone() for p in (m.first, m.second, m.third)]
+    m.zero_grad(set_to_none=True)
+    isotropic_gradient_noise(m, mode="as_released", generator=_gen(3))
+    for w, p, c in zip([3, 2, 1], (m.first, m.second, m.third), clean):  # P − k + 1, P = 3
+        assert torch.allclose(p.grad, w * c)
+
+
+def test_isotropic_noise_mean_is_the_constant_drift():
+    """E[w_k·weight·(ξ_k+1)/numel] = w_k·weight/numel."""
+    m, n, gen = ThreeParams(), 4000, _gen(11)
+    for _ in range(n):
+        isotropic_gradient_noise(m, weight=0.01, mode="as_released", generator=gen)
+    for w, p in zip([3, 2, 1], (m.first, m.second, m.third)):
+        mean = p.grad / n
+        target = w * 0.01 / p.numel()
+        # per-element std of the mean is target/sqrt(n); allow 5 sigma
+        assert torch.allclose(mean, torch.full_like(mean, target), atol=5 * target / math.sqrt(n))
+
+
+@pytest.mark.parametrize("mode", ["clean", "as_released"])
+def test_isotropic_term_backward_equals_the_post_backward_noise(mode):
+    torch.manual_seed(0)
+    m = ThreeParams()
+    isotropic_term(m, weight=0.01, mode=mode, generator=_gen(5)).backward()
+    via_term = [p.grad.clone() for p in (m.first, m.second, m.third)]
+    m.zero_grad(set_to_none=True)
+    isotropic_gradient_noise(m, weight=0.01, mode=mode, generator=_gen(5))
+    for a, b in zip(via_term, (m.first.grad, m.second.grad, m.third.grad)):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_isotropic_term_value_matches_the_released_form():
+    m = ThreeParams()
+    gen, r = _gen(9), 0.0
+    for w, p in zip([3, 2, 1], (m.first, m.second, m.third)):
+        xi = torch.randn(p.shape, generator=gen)
+        r += w * ((xi * p).mean() + p.mean()).item()
+    assert math.isclose(isotropic_term(m, 0.01, "as_released", _gen(9)).item(), 0.01 * r, rel_tol=1e-5)
+
+
+def test_isotropic_mode_is_checked():
+    with pytest.raises(ValueError, match="mode"):
+        isotropic_gradient_noise(ThreeParams(), mode="cumulative")
