@@ -22,7 +22,7 @@ from stages.cli import StageError, run_stage
 from stages.loaders import decode_image, training_batches
 from stages.mine import read_negatives
 from stages.modeling import load_model, save_model
-from stages.objectives import composed_and_target, metric_loss
+from stages.objectives import GAConfig, composed_and_target, isotropic_noise, metric_loss, with_ga
 from stages.params import load, section
 from stages.training import (LoopConfig, autocast, file_digest, fingerprint, fit, pick_device, place_model,
                              seed_everything, to_device)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--negatives", type=Path, required=True, help="mined candidates (Parquet)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    cfg = load(TrainConfig, "train")
+    cfg, ga = load(TrainConfig, "train"), load(GAConfig, "ga")
 
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
             logs["negatives_hinge"] = hinge.item()
         return loss, logs
 
-    key = fingerprint(cfg, file_digest(args.init), file_digest(args.negatives), file_digest(args.shards / "index.json"))
+    key = fingerprint(cfg, ga, file_digest(args.init), file_digest(args.negatives), file_digest(args.shards / "index.json"))
     with staged_dir(args.out, resume_key=key) as work:
         batches = training_batches(args.shards, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers)
-        summary = fit(model, batches, step, cfg, work, "train")
+        summary = fit(model, batches, with_ga(step, ga), cfg, work, "train", isotropic_noise(ga, cfg.seed))
         save_model(work / "model.pt", model.cpu(), model_cfg, words, image_size)
     negatives = f"{cfg.negatives_per_query} mined negatives/query" if sampler else "no mined negatives"
     print(f"train: {summary['steps']} steps in {summary['seconds']} s ({summary['steps_per_s']} steps/s) "

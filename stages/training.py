@@ -121,10 +121,12 @@ def fit(
     cfg: LoopConfig,
     work_dir: Path,
     name: str,
+    after_backward: Callable[[torch.nn.Module], None] | None = None,
 ) -> dict[str, float]:
     """Run cfg.steps optimiser steps; resume from `work_dir/resume.pt` when a crashed run left one.
 
     Logs loss and learning rate with dvclive under `work_dir/live`; returns a one-line summary.
+    `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
     """
     optimizer, scheduler = make_optimizer(model, cfg)
     resume_file = work_dir / "resume.pt"
@@ -148,6 +150,8 @@ def fit(
             raise FloatingPointError(f"{name}: loss became {loss.item()} at step {step} (lower the learning rate?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward(model)
         optimizer.step()
         scheduler.step()
         loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1

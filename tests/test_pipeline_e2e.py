@@ -58,9 +58,26 @@ def test_changing_resize_size_reruns_from_resize_on(tiny_repo):
 def test_a_bad_param_stops_the_stage_naming_the_key(tiny_repo):
     tiny_repo, _ = tiny_repo
     set_param(tiny_repo, "mine", "k", 0)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "stages.mine", "--model", "data/pretrain/model.pt",
-                             "--shards", "data/shards", "--out", "data/mined/negatives.parquet"],
-                            cwd=tiny_repo, env=env, capture_output=True, text=True)
+    try:
+        result = mine_directly(tiny_repo)
+    finally:
+        set_param(tiny_repo, "mine", "k", 5)
     assert result.returncode == 2
     assert "params.yaml: mine.k: Input should be greater than 0" in result.stderr
+
+
+def mine_directly(tiny_repo):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "stages.mine", "--model", "data/pretrain/model.pt",
+                           "--shards", "data/shards", "--out", "data/mined/negatives.parquet"],
+                          cwd=tiny_repo, env=env, capture_output=True, text=True)
+
+
+def test_gradient_augmentation_switches_on_from_params(tiny_repo):
+    tiny_repo, _ = tiny_repo
+    set_param(tiny_repo, "ga", "adversarial", True)
+    set_param(tiny_repo, "ga", "isotropic", True)
+    result = run(["dvc", "repro"], tiny_repo)
+    assert stages_run(result.stdout) == ["pretrain", "mine", "train", "evaluate"], result.stdout
+    logged = (tiny_repo / "data/pretrain/live/plots/metrics/ga_adversarial.tsv").read_text().splitlines()
+    assert len(logged) > 1 and all(float(row.split("\t")[-1]) > 0 for row in logged[1:])
