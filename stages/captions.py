@@ -82,17 +82,8 @@ def read(manifest_dir: Path | str, images: pa.Table | None = None, images_name: 
     """Read and validate `manifest_dir/captions.parquet`, against `images` or, when None, against
     the images.parquet of the same folder."""
     manifest_dir = Path(manifest_dir)
-    path = manifest_dir / CAPTIONS_FILE
-    if not path.exists():
-        raise ManifestError(f"{path}: missing (only image-text matching datasets write it)")
-    try:
-        captions = pq.read_table(path)
-    except pa.ArrowInvalid as err:
-        raise ManifestError(f"{path}: not a readable Parquet file: {err}") from None
-    missing = set(CAPTIONS_SCHEMA.names) - set(captions.schema.names)
-    if missing:
-        raise ManifestError(f"{path}: missing columns {sorted(missing)}")
-    captions = captions.select(CAPTIONS_SCHEMA.names).cast(CAPTIONS_SCHEMA)
+    captions = manifest.read_table(manifest_dir / CAPTIONS_FILE, CAPTIONS_SCHEMA,
+                                   "only image-text matching datasets write it")
     if images is None:
         images, _ = manifest.read(manifest_dir)
     validate(captions, images, manifest_dir, images_name)

@@ -79,22 +79,24 @@ def write(out_dir: Path | str, images: pa.Table, queries: pa.Table) -> None:
             pq.write_table(table, tmp)
 
 
+def read_table(path: Path, schema: pa.Schema, missing_hint: str = "did the previous stage run?") -> pa.Table:
+    """One manifest file with exactly `schema`'s columns; ManifestError naming the file otherwise."""
+    if not path.exists():
+        raise ManifestError(f"{path}: missing ({missing_hint})")
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowInvalid as err:
+        raise ManifestError(f"{path}: not a readable Parquet file: {err}") from None
+    missing = set(schema.names) - set(table.schema.names)
+    if missing:
+        raise ManifestError(f"{path}: missing columns {sorted(missing)}")
+    return table.select(schema.names).cast(schema)
+
+
 def read(manifest_dir: Path | str) -> tuple[pa.Table, pa.Table]:
     """Read and validate (images, queries) from `manifest_dir`."""
     manifest_dir = Path(manifest_dir)
-    tables = []
-    for name, schema in ((IMAGES_FILE, IMAGES_SCHEMA), (QUERIES_FILE, QUERIES_SCHEMA)):
-        path = manifest_dir / name
-        if not path.exists():
-            raise ManifestError(f"{path}: missing (did the previous stage run?)")
-        try:
-            table = pq.read_table(path)
-        except pa.ArrowInvalid as err:
-            raise ManifestError(f"{path}: not a readable Parquet file: {err}") from None
-        missing = set(schema.names) - set(table.schema.names)
-        if missing:
-            raise ManifestError(f"{path}: missing columns {sorted(missing)}")
-        tables.append(table.select(schema.names).cast(schema))
-    images, queries = tables
+    images = read_table(manifest_dir / IMAGES_FILE, IMAGES_SCHEMA)
+    queries = read_table(manifest_dir / QUERIES_FILE, QUERIES_SCHEMA)
     validate(images, queries, manifest_dir)
     return images, queries
