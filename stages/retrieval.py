@@ -61,9 +61,6 @@ def recall_at_k(ranked: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> d
     return {f"r{k}": float((first_hit < k).float().mean()) for k in ks}
 
 
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
 
 # WHM, the "Weighted Harmonic Mean" protocol GA (Huang et al., TMM 2022) proposes to assess
 # generalisation. Its formula could not be read (no access to the paper; the GA code does not compute

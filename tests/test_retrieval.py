@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stages.mine import MineConfig, mine, read_negatives, to_table
-from stages.retrieval import chunked_topk, harmonic_mean, recall_at_k, whm_over_recall_levels, whm_over_splits
+from stages.retrieval import chunked_topk, recall_at_k, whm_over_recall_levels, whm_over_splits
 
 
 def test_recall_at_k_on_hand_built_embeddings():
@@ -44,11 +44,6 @@ def test_chunked_topk_matches_brute_force(query_chunk, gallery_chunk):
 def test_recall_needs_enough_ranked_results():
     with pytest.raises(ValueError, match="recall@5"):
         recall_at_k(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), [1, 5])
-
-
-def test_harmonic_mean():
-    assert harmonic_mean(60.0, 40.0) == pytest.approx(48.0)
-    assert harmonic_mean(0.0, 0.0) == 0.0
 
 
 def test_mining_matches_brute_force_and_never_returns_the_target(tmp_path):
