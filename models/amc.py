@@ -211,6 +211,8 @@ class AMC(nn.Module):
         """φ ∈ R^{B×K×d}, K = h·w (49 at 224 px)."""
         return self.proj(self.image_trunk(images)).flatten(2).transpose(1, 2)
 
+    encode_reference = image_tokens  # φ_r: the experts read the reference's tokens
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """f_t = mean_k φ_t: the target/gallery side, un-normalised (no experts)."""
         return self.image_tokens(images).mean(dim=1)
@@ -263,10 +265,10 @@ def bsc_loss(query_graph_features: torch.Tensor, target: torch.Tensor) -> torch.
     return F.mse_loss(q @ q.T, t @ t.T)
 
 
-def amc_loss(pooled: Sequence[torch.Tensor], target: torch.Tensor,
-             sim_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def amc_loss(pooled: Sequence[torch.Tensor], target: torch.Tensor, sim_weight: float = 1.0,
+             scale: float = 10.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """pooled = [mean_k R¹, mean_k R²]; f_q = pooled[-1]; Q = concat(pooled). L = L_BBC + λ L_BSC."""
-    terms = {"bbc": bbc_loss(pooled[-1], target), "bsc": bsc_loss(torch.cat(list(pooled), dim=-1), target)}
+    terms = {"bbc": bbc_loss(pooled[-1], target, scale), "bsc": bsc_loss(torch.cat(list(pooled), dim=-1), target)}
     return terms["bbc"] + sim_weight * terms["bsc"], terms
 
 

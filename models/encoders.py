@@ -29,16 +29,47 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(images).flatten(1))
 
 
-class ResNet18Encoder(nn.Module):
-    """torchvision ResNet-18, adaptive average pool to 1x1, `fc` replaced by Linear(512 -> d)."""
+class SmallCNNMaps(nn.Module):
+    """The conv stages of a SmallCNN without its fc: images -> the maps of the last `levels` stages.
 
-    def __init__(self, out_dim: int, state_dict: dict[str, torch.Tensor] | None = None):
+    The map trunk of the composition models that read feature maps (TIRG-LastConv, VAL, AMC) on `shapes`.
+    """
+
+    def __init__(self, channels: list[int], levels: int):
         super().__init__()
-        self.backbone = torchvision.models.resnet18(weights=None)
+        if not 0 < levels <= len(channels):
+            raise ValueError(f"levels {levels} must be in 1..{len(channels)} (the conv stages)")
+        stages, c_in = [], 3
+        for c_out in channels:
+            stages.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                                        nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        self.levels = levels
+        self.channels = list(channels[-levels:])
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        maps, x = [], images
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps[-self.levels:]
+
+
+class ResNetEncoder(nn.Module):
+    """torchvision ResNet-18/50, adaptive average pool to 1x1, `fc` replaced by Linear(512|2048 -> d)."""
+
+    def __init__(self, out_dim: int, state_dict: dict[str, torch.Tensor] | None = None, depth: int = 18):
+        super().__init__()
+        builders = {18: (torchvision.models.resnet18, 512), 50: (torchvision.models.resnet50, 2048)}
+        if depth not in builders:
+            raise ValueError(f"depth must be 18 or 50, got {depth}")
+        build, width = builders[depth]
+        self.backbone = build(weights=None)
         if state_dict is not None:  # ImageNet weights, read from a local file by the caller
             self.backbone.load_state_dict(state_dict)
         self.backbone.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.backbone.fc = nn.Linear(512, out_dim)
+        self.backbone.fc = nn.Linear(width, out_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)

@@ -38,6 +38,8 @@ class TIRG(nn.Module):
         """φ_x: the target/gallery side, un-normalised."""
         return self.image_encoder(images)
 
+    encode_reference = encode_image  # the query side reads the same φ_x
+
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """φ_t."""
         return self.text_encoder(tokens, lengths)

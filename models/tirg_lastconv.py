@@ -50,6 +50,10 @@ class TIRGLastConv(nn.Module):
         """φ_x = FC(avgpool(X)): the target/gallery side, un-normalised."""
         return self.pool_fc(self.feature_extractor(images))
 
+    def encode_reference(self, images: torch.Tensor) -> torch.Tensor:
+        """X: the reference's last conv map, composed before pooling."""
+        return self.feature_extractor(images)
+
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """φ_t."""
         return self.text_encoder(tokens, lengths)
@@ -60,22 +64,25 @@ class TIRGLastConv(nn.Module):
         z = torch.cat([x, t], dim=1)
         return self.a[0] * torch.sigmoid(self.gate(z)) * x + self.a[1] * self.residual(z)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def compose(self, x: torch.Tensor, phi_t: torch.Tensor) -> torch.Tensor:
         """The composed query f = FC(avgpool(X')) (un-normalised)."""
-        x = self.feature_extractor(images)
-        return self.pool_fc(self.compose_maps(x, self.encode_text(tokens, lengths)))
+        return self.pool_fc(self.compose_maps(x, phi_t))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.compose(self.encode_reference(images), self.encode_text(tokens, lengths))
 
 
-def resnet_trunk(depth: int = 18) -> tuple[nn.Sequential, int]:
+def resnet_trunk(depth: int = 18, state_dict: dict[str, torch.Tensor] | None = None) -> tuple[nn.Sequential, int]:
     """torchvision ResNet-{18,50} from conv1 up to layer4 (no pool, no fc) and its output channels.
 
-    Built with weights=None; the caller loads ImageNet weights (e.g. `trunk.load_state_dict(sd, strict=False)`
-    with the torchvision key names, which the Sequential keeps: conv1, bn1, layer1..layer4).
+    `state_dict`: ImageNet weights with torchvision's key names, read from a local file by the caller.
     """
     builders = {18: (torchvision.models.resnet18, 512), 50: (torchvision.models.resnet50, 2048)}
     if depth not in builders:
         raise ValueError(f"depth must be 18 or 50, got {depth}")
     build, channels = builders[depth]
     net = build(weights=None)
+    if state_dict is not None:
+        net.load_state_dict(state_dict)
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
     return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), channels

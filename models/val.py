@@ -97,10 +97,12 @@ class ResNetLevels(nn.Module):
     (post-activation), so the release's extra BN+ReLU after block2/block3 has no counterpart here.
     """
 
-    def __init__(self, depth: int = 18):
+    def __init__(self, depth: int = 18, state_dict: dict[str, torch.Tensor] | None = None):
         super().__init__()
         ctor = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
-        net = ctor(weights=None)  # the caller loads ImageNet weights
+        net = ctor(weights=None)
+        if state_dict is not None:  # ImageNet weights, read from a local file by the caller
+            net.load_state_dict(state_dict)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layer2, self.layer3, self.layer4 = net.layer2, net.layer3, net.layer4
         self.channels = [128, 256, 512] if depth == 18 else [512, 1024, 2048]
@@ -111,9 +113,10 @@ class ResNetLevels(nn.Module):
         return [low, mid, self.layer4(mid)]
 
 
-def resnet_levels(depth: int = 18) -> tuple[ResNetLevels, list[int]]:
+def resnet_levels(depth: int = 18, state_dict: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[ResNetLevels, list[int]]:
     """(trunk, channel counts) for ResNet-18/50; the trunk returns [layer2, layer3, layer4] maps."""
-    trunk = ResNetLevels(depth)
+    trunk = ResNetLevels(depth, state_dict)
     return trunk, list(trunk.channels)
 
 
@@ -183,16 +186,20 @@ class VAL(nn.Module):
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(tokens, lengths)
 
-    def composite_maps(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def encode_reference(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """x^ℓ per level: the reference maps the composite transformers read."""
+        return self.trunk(images)
+
+    def composite_maps(self, maps: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
         """y^ℓ per level, each the shape of the reference map x^ℓ."""
-        t = self.encode_text(tokens, lengths)
-        return [ct(x, t) for ct, x in zip(self.transformers, self.trunk(images))]
+        return [ct(x, t) for ct, x in zip(self.transformers, maps)]
 
-    def compose(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def compose(self, maps: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
         """f^ℓ = L2norm(GAP(y^ℓ)) per level: the composed query."""
-        return [self.normalize(y.mean(dim=(2, 3))) for y in self.composite_maps(images, tokens, lengths)]
+        return [self.normalize(y.mean(dim=(2, 3))) for y in self.composite_maps(maps, t)]
 
-    forward = compose
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        return self.compose(self.encode_reference(images), self.encode_text(tokens, lengths))
 
     def similarity(self, queries_levels: list[torch.Tensor], targets_levels: list[torch.Tensor]) -> torch.Tensor:
         """Σ_ℓ cos(f^ℓ_i, g^ℓ_j), Q×G. The release ranks by squared L2 between the concatenated unit vectors,

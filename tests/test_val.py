@@ -50,10 +50,10 @@ def test_shapes_per_level():
     model = tiny_val()
     images, tokens, lengths = batch()
     assert level_map_sizes(model.trunk, 32) == [(16, 16), (8, 8), (4, 4)]
-    maps = model.composite_maps(images, tokens, lengths)
+    maps = model.composite_maps(model.encode_reference(images), model.encode_text(tokens, lengths))
     for y, x, c in zip(maps, model.trunk(images), TinyTrunk.channels):
         assert y.shape == x.shape == (4, c, y.shape[2], y.shape[3])
-    f, g = model.compose(images, tokens, lengths), model.encode_image(images)
+    f, g = model(images, tokens, lengths), model.encode_image(images)
     assert [v.shape for v in f] == [v.shape for v in g] == [(4, 4), (4, 6), (4, 8)]
     for v in f + g:
         torch.testing.assert_close(v.norm(dim=-1), torch.ones(4))
