@@ -1,0 +1,99 @@
+"""Stage `vocabulary`: the word vocabulary of the LSTM text encoders, and optionally its GloVe rows.
+
+    python -m stages.vocabulary --shards data/shards --out data/vocab
+
+Reads only the `vocabulary` section of params.yaml. Builds the vocabulary from the query texts of
+split `vocabulary.split` with tokenizer `vocabulary.tokenizer` (stages.vocab) and writes
+
+    <out>/vocab.json        Vocab.state_dict() (tokenizer, words, counts) + size, texts, split
+                            (+ glove_path, glove_dim, glove_found, glove_missing with GloVe)
+    <out>/word_vectors.npy  only when vocabulary.glove_path is set: float32, len(vocab) x glove_dim,
+                            row i = word id i, row 0 = <UNK> (a random row, see stages.glove)
+
+GloVe is read from the local file `vocabulary.glove_path` (a .txt, or a .zip holding it); it is never
+downloaded. The output directory appears only once complete.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from pydantic import Field
+from typing_extensions import Annotated
+
+from stages import shards
+from stages.atomic import atomic_path, staged_dir, write_json
+from stages.cli import StageError, run_stage
+from stages.glove import read_glove
+from stages.params import PARAMS_FILE, load, section
+from stages.vocab import Vocab
+
+VOCAB_FILE, VECTORS_FILE = "vocab.json", "word_vectors.npy"
+
+
+@section
+class VocabularyConfig:
+    tokenizer: Literal["tirg", "nltk"]
+    glove_path: Optional[str]  # a local GloVe .txt or .zip; null = no word vectors
+    glove_dim: Annotated[int, Field(gt=0)]
+    split: str  # the split whose query texts make the vocabulary (the training split)
+
+
+def build(shard_dir: Path | str, out: Path | str, cfg: VocabularyConfig) -> dict[str, Any]:
+    """Write `out` (see the module doc); returns what vocab.json holds besides the state."""
+    shard_dir, out = Path(shard_dir), Path(out)
+    glove = None
+    if cfg.glove_path is not None:
+        glove = Path(cfg.glove_path)
+        if not glove.is_file():
+            raise StageError(f"vocabulary.glove_path: {glove} does not exist (GloVe is never downloaded; "
+                             f"put the file there or set vocabulary.glove_path: null)")
+    shards.read_index(shard_dir)
+    train_texts = [query["text"] for query in shards.iter_queries(shard_dir, cfg.split)]
+    if not train_texts:
+        raise StageError(f"{shard_dir}: split {cfg.split!r} has no queries to build a vocabulary from")
+    vocab = Vocab.build(train_texts, cfg.tokenizer)
+    summary: dict[str, Any] = {"size": len(vocab), "texts": len(train_texts), "split": cfg.split}
+    with staged_dir(out) as work:
+        if glove is not None:
+            try:
+                vectors, found = read_glove(glove, vocab.words, cfg.glove_dim, reserved=1)
+            except ValueError as err:
+                raise StageError(f"vocabulary.glove_path: {err}") from None
+            with atomic_path(work / VECTORS_FILE) as tmp, open(tmp, "wb") as f:
+                np.save(f, vectors)
+            summary |= {"glove_path": str(glove), "glove_dim": cfg.glove_dim,
+                        "glove_found": len(found), "glove_missing": len(vocab) - 1 - len(found)}
+        write_json(work / VOCAB_FILE, {**vocab.state_dict(), **summary})
+    return summary
+
+
+def line(summary: dict[str, Any], cfg: VocabularyConfig, out: Path | str) -> str:
+    glove = ""
+    if "glove_found" in summary:
+        known = summary["size"] - 1
+        share = summary["glove_found"] / known if known else 0.0
+        glove = (f", GloVe {summary['glove_dim']}-d found {summary['glove_found']}/{known} "
+                 f"({share:.1%}) -> {Path(out) / VECTORS_FILE}")
+    return (f"vocabulary: {summary['size']} ids ({cfg.tokenizer} tokenizer) from {summary['texts']} "
+            f"{summary['split']} texts{glove} -> {Path(out) / VOCAB_FILE}")
+
+
+def vocabulary(shard_dir: Path | str, out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
+    """The stage: read `vocabulary` params, build, return the one-line summary."""
+    cfg = load(VocabularyConfig, "vocabulary", params_path)
+    return line(build(shard_dir, out, cfg), cfg, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path, required=True, help="shard directory, e.g. data/shards")
+    parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. data/vocab")
+    args = parser.parse_args(argv)
+    run_stage(lambda: print(vocabulary(args.shards, args.out)))
+
+
+if __name__ == "__main__":
+    main()
