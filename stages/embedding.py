@@ -7,52 +7,58 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from models.tirg import TIRG
+from torch import nn
+
 from stages import shards
 from stages.loaders import batched, decode_image
-from stages.modeling import load_model
+from stages.modeling import as_vector, load_model, zeros_like
+from stages.text import tokenizer_from_state
 from stages.training import autocast, place_model, to_device
-from stages.vocab import Vocab
 
 QueryMode = Literal["composed", "image_only", "text_only"]
 
 
-def load_for_embedding(checkpoint: Path, device: torch.device) -> tuple[TIRG, Vocab]:
-    """A trained model in eval mode on `device`, with the vocabulary it was trained with."""
-    model, _, words, _ = load_model(checkpoint)
-    return place_model(model, device), Vocab(words)
+def load_for_embedding(checkpoint: Path, device: torch.device):
+    """(a trained model in eval mode on `device`, the tokenizer it was trained with)."""
+    model, _, text_state, _ = load_model(checkpoint)
+    return place_model(model, device), tokenizer_from_state(text_state)
 
 
 @torch.no_grad()
-def embed_gallery(model: TIRG, shard_dir: Path, split: str, batch_size: int, device: torch.device):
-    """(image ids in shard order, L2-normalised features N x d on the CPU)."""
-    ids, features = [], []
+def embed_gallery(model: nn.Module, shard_dir: Path, split: str, batch_size: int, device: torch.device):
+    """(image ids in shard order, their captions, L2-normalised features N x d on the CPU)."""
+    ids, captions, features = [], [], []
     for chunk in batched(shards.iter_gallery(shard_dir, split), batch_size):
         images = to_device(torch.stack([decode_image(data) for _, _, data in chunk]), device)
         with autocast(device):
-            features.append(model.encode_image(images).float().cpu())
+            features.append(as_vector(model.encode_image(images)).float().cpu())
         ids += [image_id for image_id, _, _ in chunk]
-    return ids, F.normalize(torch.cat(features), dim=1)
+        captions += [caption for _, caption, _ in chunk]
+    return ids, captions, F.normalize(torch.cat(features), dim=1)
 
 
 @torch.no_grad()
-def embed_queries(model: TIRG, vocab: Vocab, shard_dir: Path, split: str, batch_size: int,
-                  device: torch.device, modes: tuple[QueryMode, ...] = ("composed",)):
+def embed_queries(model: nn.Module, tokenizer, shard_dir: Path, split: str, batch_size: int,
+                  device: torch.device, modes: tuple[QueryMode, ...] = ("composed",), drop_rare_below: int = 0):
     """(query records without image bytes, {mode: L2-normalised features Q x d}).
 
-    composed: TIRG's f(φ_x, φ_t); image_only: φ_x of the reference (ignores the text);
-    text_only: f(0, φ_t), the composition with the image feature zeroed (ignores the image).
+    composed: the model's composition f(ref, text); image_only: the reference encoded as a gallery image
+    (ignores the text); text_only: f(0, text), the composition with the reference representation zeroed
+    (ignores the image). drop_rare_below > 0: words seen fewer times in training read as <UNK> (VAL's test-time
+    vocabulary quirk).
     """
     records, features = [], {mode: [] for mode in modes}
     for chunk in batched(shards.iter_queries(shard_dir, split), batch_size):
         images = to_device(torch.stack([decode_image(q["ref"]) for q in chunk]), device)
-        tokens, lengths = vocab.batch([q["text"] for q in chunk])
+        texts = [q["text"] for q in chunk]
+        tokens, lengths = tokenizer.batch(texts, drop_rare_below) if drop_rare_below else tokenizer.batch(texts)
         with autocast(device):
-            phi_x = model.encode_image(images)
-            phi_t = model.encode_text(tokens.to(device), lengths.to(device))
-            outputs = {"composed": lambda: model.compose(phi_x, phi_t), "image_only": lambda: phi_x,
-                       "text_only": lambda: model.compose(torch.zeros_like(phi_x), phi_t)}
+            reference = model.encode_reference(images)
+            text = model.encode_text(tokens.to(device), lengths.to(device))
+            outputs = {"composed": lambda: model.compose(reference, text),
+                       "image_only": lambda: model.encode_image(images),
+                       "text_only": lambda: model.compose(zeros_like(reference), text)}
             for mode in modes:
-                features[mode].append(outputs[mode]().float().cpu())
+                features[mode].append(as_vector(outputs[mode]()).float().cpu())
         records += [{k: q[k] for k in ("query_id", "reference_id", "target_id", "text")} for q in chunk]
     return records, {mode: F.normalize(torch.cat(f), dim=1) for mode, f in features.items()}

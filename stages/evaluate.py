@@ -1,11 +1,15 @@
-"""Stage `evaluate`: recall@K of the final model on each test split, with two ablations.
+"""Stage `evaluate`: recall@K of the final model on each evaluation split, under the dataset's protocols,
+with two ablations.
 
-For every query the reference image is removed from its own results; a hit is the target image
-(the embedded gallery is deduplicated, so the target id is the one right answer). Besides the
-composed query it scores `image_only` (the reference's φ_x: ignores the text) and `text_only`
-(the composition with a zero image feature: ignores the image), and the harmonic mean over the
-splits (test vs novel: how much the model loses on unseen attribute combinations) and GA's WHM
-in the provisional reading chosen by `evaluate.whm`.
+`evaluate.protocols` picks how a hit is counted and which gallery a query searches (stages/protocols.py):
+`target` (exact target image; the embedded shapes data, Shoes, CIRR), `caption` (TIRG's caption-level
+hit; CSS3D, MIT-States, Fashion200k), `fashioniq_val_union` and `fashioniq_clip4cir` (FashionIQ per
+category, the VAL/AMC and CLIP4Cir protocols, reported side by side, never mixed).
+Besides the composed query it scores `image_only` (the reference encoded as a gallery image: ignores the
+text) and `text_only` (the composition with the reference representation zeroed: ignores the image);
+for the flat protocols also the harmonic mean over the splits and GA's WHM in the provisional reading
+chosen by `evaluate.whm`. Several --model checkpoints are scored as one ensemble (AMC's test_ensemble.py:
+concatenated unit vectors, i.e. the mean of the models' cosines).
 
 python -m stages.evaluate --model data/train/model.pt --shards data/shards --out metrics/evaluate.json
 """
@@ -15,10 +19,10 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from typing_extensions import Annotated
 
@@ -26,10 +30,13 @@ from stages.atomic import write_json
 from stages.cli import StageError, run_stage
 from stages.embedding import embed_gallery, embed_queries, load_for_embedding
 from stages.params import load, require, section
-from stages.retrieval import chunked_topk, recall_at_k, whm_over_recall_levels, whm_over_splits
+from stages.protocols import score
+from stages.retrieval import whm_over_recall_levels, whm_over_splits
 from stages.training import DeviceName, pick_device
 
-MODES = {"tirg": "composed", "image_only": "image_only", "text_only": "text_only"}
+MODES = ("composed", "image_only", "text_only")
+FLAT_PROTOCOLS = ("target", "caption")  # one recall per K: harmonic mean and WHM apply
+Protocol = Literal["target", "caption", "fashioniq_val_union", "fashioniq_clip4cir"]
 
 
 @section
@@ -42,14 +49,18 @@ class WHMConfig:
 @section
 class EvaluateConfig:
     splits: list[str]
+    protocols: list[Protocol]
     ks: list[Annotated[int, Field(gt=0)]]
     batch_size: Annotated[int, Field(gt=0)]
     device: DeviceName
+    rare_words_as_unknown_below: Annotated[int, Field(ge=0)]  # quirk (VAL FashionIQ/Shoes: 2); 0 = off
     whm: WHMConfig
 
     def __post_init__(self):
         require(len(self.splits) > 0, "splits", "name at least one split")
         require(len(set(self.splits)) == len(self.splits), "splits", "a split is named twice")
+        require(len(self.protocols) > 0 and len(set(self.protocols)) == len(self.protocols), "protocols",
+                "name each protocol once, at least one")
         require(len(self.ks) > 0 and self.ks == sorted(set(self.ks)), "ks", "must be increasing and non-empty")
         require(self.whm.definition != "splits" or len(self.splits) == 2, "whm.definition",
                 "'splits' compares exactly two splits (seen, unseen); evaluate.splits names "
@@ -66,30 +77,63 @@ def whm(per_split: dict[str, dict[str, float]], cfg: EvaluateConfig) -> dict[str
             for split in cfg.splits}
 
 
-def score_split(model, vocab, shard_dir: Path, split: str, cfg: EvaluateConfig, device) -> dict[str, dict]:
-    gallery_ids, gallery = embed_gallery(model, shard_dir, split, cfg.batch_size, device)
-    if cfg.ks[-1] >= len(gallery_ids):
-        raise StageError(f"evaluate.ks: recall@{cfg.ks[-1]} needs more than {len(gallery_ids)} '{split}' gallery images")
-    records, features = embed_queries(model, vocab, shard_dir, split, cfg.batch_size, device, tuple(MODES.values()))
-    position = {image_id: i for i, image_id in enumerate(gallery_ids)}
-    for r in records:
-        for role in ("reference_id", "target_id"):
-            if r[role] not in position:
-                raise StageError(f"{shard_dir}: query {r['query_id']!r} has {role} {r[role]!r} outside the '{split}' gallery")
-    references = torch.tensor([[position[r["reference_id"]]] for r in records])
-    targets = torch.tensor([position[r["target_id"]] for r in records])
-    result = {}
-    for name, mode in MODES.items():
-        _, ranked = chunked_topk(features[mode], gallery, cfg.ks[-1], exclude=references)
-        recalls = recall_at_k(ranked, targets, cfg.ks)
-        result[name] = {k: round(100 * v, 2) for k, v in recalls.items()}
-    result["counts"] = {"queries": len(records), "gallery": len(gallery_ids)}
-    return result
+def embed_split(models, shard_dir: Path, split: str, cfg: EvaluateConfig, device):
+    """Gallery (ids, captions, features) and query (records, {mode: features}); an ensemble concatenates
+    each model's unit vectors and re-normalises."""
+    galleries, query_features = [], []
+    for model, tokenizer in models:
+        galleries.append(embed_gallery(model, shard_dir, split, cfg.batch_size, device))
+        records, features = embed_queries(model, tokenizer, shard_dir, split, cfg.batch_size, device, MODES,
+                                          cfg.rare_words_as_unknown_below)
+        query_features.append(features)
+    gallery_ids, captions = galleries[0][0], galleries[0][1]
+    gallery = F.normalize(torch.cat([g[2] for g in galleries], dim=1), dim=1)
+    queries = {mode: F.normalize(torch.cat([f[mode] for f in query_features], dim=1), dim=1) for mode in MODES}
+    return gallery_ids, captions, gallery, records, queries
+
+
+def score_split(models, shard_dir: Path, split: str, cfg: EvaluateConfig, device) -> dict[str, dict]:
+    """{mode: {protocol: result}} of one split."""
+    gallery_ids, captions, gallery, records, queries = embed_split(models, shard_dir, split, cfg, device)
+    try:
+        return {mode: {protocol: score(protocol, gallery_ids, captions, gallery, records, queries[mode], cfg.ks)
+                       for protocol in cfg.protocols}
+                for mode in MODES}
+    except ValueError as err:
+        raise StageError(f"{shard_dir} split '{split}': {err}") from None
+
+
+def summarise(per_split: dict[str, dict], cfg: EvaluateConfig) -> dict:
+    """metrics[mode][split][protocol] plus, for the flat protocols, [mode]["harmonic"|"whm"][protocol]."""
+    metrics: dict[str, dict] = {mode: {split: per_split[split][mode] for split in cfg.splits} for mode in MODES}
+    for mode in MODES:
+        for protocol in (p for p in cfg.protocols if p in FLAT_PROTOCOLS):
+            recalls = {split: {k: v for k, v in per_split[split][mode][protocol].items() if k.startswith("r")}
+                       for split in cfg.splits}
+            if len(cfg.splits) > 1:
+                metrics[mode].setdefault("harmonic", {})[protocol] = {
+                    key: round(statistics.harmonic_mean([recalls[s][key] for s in cfg.splits]), 2)
+                    for key in recalls[cfg.splits[0]]
+                }
+            metrics[mode].setdefault("whm", {})[protocol] = whm(recalls, cfg)
+    return metrics
+
+
+def headline(metrics: dict, cfg: EvaluateConfig) -> str:
+    protocol, split = cfg.protocols[0], cfg.splits[0]
+    result = metrics["composed"][split][protocol]
+    if protocol in FLAT_PROTOCOLS:
+        k = 10 if 10 in cfg.ks else cfg.ks[-1]
+        line = ", ".join(f"{s} R@{k} {metrics['composed'][s][protocol][f'r{k}']:.1f}" for s in cfg.splits)
+        base = ", ".join(f"{m} {metrics[m][split][protocol][f'r{k}']:.1f}" for m in ("image_only", "text_only"))
+        return f"{protocol}: {line} ({split} baselines: {base})"
+    recalls = ", ".join(f"R@{key[1:]} {value:.1f}" for key, value in result["average"].items())
+    return f"{protocol} {split}: mean {result['mean']:.1f} ({recalls}, averaged over categories)"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, nargs="+", required=True, help="one checkpoint, or several: an ensemble")
     parser.add_argument("--shards", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -97,23 +141,11 @@ def main(argv: list[str] | None = None) -> None:
 
     began = time.time()
     device = pick_device(cfg.device)
-    model, vocab = load_for_embedding(args.model, device)
-    per_split = {split: score_split(model, vocab, args.shards, split, cfg, device) for split in cfg.splits}
-    metrics: dict[str, dict] = {name: {split: per_split[split][name] for split in cfg.splits} for name in MODES}
-    if len(cfg.splits) > 1:
-        for name in MODES:
-            metrics[name]["harmonic"] = {
-                key: round(statistics.harmonic_mean([per_split[s][name][key] for s in cfg.splits]), 2)
-                for key in per_split[cfg.splits[0]][name]
-            }
-    for name in MODES:
-        metrics[name]["whm"] = whm({split: per_split[split][name] for split in cfg.splits}, cfg)
-    metrics["counts"] = {split: per_split[split]["counts"] for split in cfg.splits}
+    models = [load_for_embedding(path, device) for path in args.model]
+    per_split = {split: score_split(models, args.shards, split, cfg, device) for split in cfg.splits}
+    metrics = summarise(per_split, cfg)
     write_json(args.out, metrics)
-    k = 10 if 10 in cfg.ks else cfg.ks[-1]
-    line = ", ".join(f"{split} R@{k} {metrics['tirg'][split][f'r{k}']:.1f}" for split in cfg.splits)
-    baselines = ", ".join(f"{name} {metrics[name][cfg.splits[0]][f'r{k}']:.1f}" for name in ("image_only", "text_only"))
-    print(f"evaluate: tirg {line} ({cfg.splits[0]} baselines: {baselines}) in {time.time() - began:.1f} s -> {args.out}")
+    print(f"evaluate: {headline(metrics, cfg)} in {time.time() - began:.1f} s -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,80 +1,233 @@
-"""The `model` section of params.yaml and the function that builds the model it describes."""
+"""The `model` section of params.yaml and the function that builds the model it describes.
+
+Every composition model offers the same four calls, which is all the stages use:
+    encode_reference(images)   the query side's image representation (a vector, a map, maps or tokens)
+    encode_text(tokens, lengths)
+    compose(reference, text)   the composed query: a vector, or one vector per level (VAL)
+    encode_image(images)       the target / gallery side, in the same form as compose's output
+`as_vector` turns a per-level output into one vector whose cosine ranks as the model ranks.
+"""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 from typing_extensions import Annotated
 
-from models.encoders import LSTMTextEncoder, ResNet18Encoder, SmallCNN
+from models.amc import AMC, AMCTextEncoder
+from models.composeae import ComposeAE
+from models.encoders import LSTMTextEncoder, ResNetEncoder, SmallCNN, SmallCNNMaps
 from models.tirg import TIRG
+from models.tirg_lastconv import TIRGLastConv
+from models.tirg_lastconv import resnet_trunk as resnet_last_map
+from models.val import VAL, VALTextEncoder, level_map_sizes, resnet_levels
 from stages.params import parse, require, section
 
 PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
+ModelName = Literal["tirg", "tirg_lastconv", "composeae", "val", "amc"]
+RESNET_DEPTH = {"resnet18": 18, "resnet50": 50}
 
 
 @section
 class ImageConfig:
-    encoder: Literal["small_cnn", "resnet18"]
-    weights: Optional[str]
+    encoder: Literal["small_cnn", "resnet18", "resnet50"]
+    weights: Optional[str]   # a local torchvision ImageNet state_dict for the ResNets; never downloaded
     channels: list[PositiveInt]
 
     def __post_init__(self):
-        require(self.encoder == "resnet18" or self.weights is None, "image.weights",
-                "only the resnet18 encoder loads weights")
+        require(self.encoder != "small_cnn" or self.weights is None, "image.weights",
+                "only the ResNet encoders load weights")
         require(len(self.channels) > 0, "image.channels", "needs at least one stage")
 
 
 @section
 class TextConfig:
-    embed_dim: PositiveInt
+    encoder: Literal["lstm", "minilm"]  # lstm: each method's own LSTM; minilm: frozen all-MiniLM-L6-v2
+    embed_dim: PositiveInt              # word vectors (300 with GloVe)
     hidden_dim: PositiveInt
-    dropout: Annotated[float, Field(ge=0, lt=1)]
+    dropout: Probability
+
+
+@section
+class ComposeAEConfig:
+    as_released_conjugate_batch_limit: bool  # the release's fixed 32-row conjugate vector (batch <= 32)
+
+
+@section
+class VALConfig:
+    levels: Annotated[int, Field(ge=1, le=3)]  # low, mid, high CNN levels (the paper: 3)
+    num_heads: PositiveInt
+    attention_dropout: Probability
+
+
+@section
+class AMCConfig:
+    router_hidden: PositiveInt
+    heads: PositiveInt
+    ffn_ratio: Annotated[float, Field(gt=0)]
+    layers: PositiveInt
+    freeze_trunk_bn: bool
 
 
 @section
 class ModelConfig:
-    name: Literal["tirg"]
+    name: ModelName
     embed_dim: PositiveInt
     image: ImageConfig
     text: TextConfig
     norm_scale: Annotated[float, Field(gt=0)]
+    composeae: ComposeAEConfig
+    val: VALConfig
+    amc: AMCConfig
+
+    def __post_init__(self):
+        if self.name == "val":
+            require(self.image.encoder != "small_cnn" or self.val.levels <= len(self.image.channels), "val.levels",
+                    f"small_cnn has {len(self.image.channels)} stages")
+        if self.name == "amc":
+            require(self.embed_dim % self.amc.heads == 0, "amc.heads", f"must divide embed_dim {self.embed_dim}")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, image_size: int, load_weights: bool = True) -> TIRG:
-    """A freshly initialised model; `model.image.weights` (ResNet-18 only) is read from local disk."""
-    if cfg.image.encoder == "resnet18":
-        state = None
-        if cfg.image.weights is not None and load_weights:
-            path = Path(cfg.image.weights)
-            if not path.is_file():
-                raise FileNotFoundError(f"model.image.weights: {path} does not exist (weights are never downloaded)")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        image_encoder = ResNet18Encoder(cfg.embed_dim, state)
+def as_vector(x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """One vector per row. Per-level outputs become the concatenated unit vectors / √L, so the cosine of two
+    such vectors is the mean of the per-level cosines (VAL's ranking, spec §3.5)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.cat([F.normalize(level.float(), dim=-1) for level in x], dim=-1) / len(x) ** 0.5
+
+
+def zeros_like(x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """A blank reference of the same form (the text_only ablation)."""
+    return torch.zeros_like(x) if isinstance(x, torch.Tensor) else [torch.zeros_like(level) for level in x]
+
+
+def read_image_weights(cfg: ImageConfig) -> dict[str, torch.Tensor] | None:
+    if cfg.weights is None:
+        return None
+    path = Path(cfg.weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.image.weights: {path} does not exist (weights are never downloaded)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _text_encoder(cfg: ModelConfig, vocab_size: int, out_dim: int) -> nn.Module:
+    t = cfg.text
+    if t.encoder == "minilm":
+        from stages.text import minilm_text_encoder
+
+        return minilm_text_encoder(out_dim, amc_pair=cfg.name == "amc")
+    if cfg.name == "val":
+        return VALTextEncoder(vocab_size, t.embed_dim, t.hidden_dim, out_dim, t.dropout)
+    if cfg.name == "amc":
+        return AMCTextEncoder(vocab_size, t.embed_dim, out_dim)
+    return LSTMTextEncoder(vocab_size, t.embed_dim, t.hidden_dim, out_dim, t.dropout)
+
+
+def _vector_encoder(cfg: ModelConfig, image_size: int, weights) -> nn.Module:
+    if cfg.image.encoder == "small_cnn":
+        return SmallCNN(cfg.image.channels, image_size, cfg.embed_dim)
+    return ResNetEncoder(cfg.embed_dim, weights, RESNET_DEPTH[cfg.image.encoder])
+
+
+def _map_trunk(cfg: ModelConfig, levels: int, weights) -> tuple[nn.Module, list[int]]:
+    """A trunk returning the last `levels` maps (a list), and their channels."""
+    if cfg.image.encoder == "small_cnn":
+        trunk = SmallCNNMaps(cfg.image.channels, levels)
+        return trunk, trunk.channels
+    trunk, channels = resnet_levels(RESNET_DEPTH[cfg.image.encoder], weights)
+    return _LastLevels(trunk, levels), channels[-levels:]
+
+
+class _LastLevels(nn.Module):
+    def __init__(self, trunk: nn.Module, levels: int):
+        super().__init__()
+        self.trunk, self.levels = trunk, levels
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.trunk(images)[-self.levels:]
+
+
+class _LastMap(nn.Module):
+    """The single (last) map of a list-returning trunk."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)[-1]
+
+
+def _last_map_trunk(cfg: ModelConfig, weights) -> tuple[nn.Module, int]:
+    if cfg.image.encoder == "small_cnn":
+        trunk = SmallCNNMaps(cfg.image.channels, 1)
+        return _LastMap(trunk), trunk.channels[-1]
+    return resnet_last_map(RESNET_DEPTH[cfg.image.encoder], weights)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, image_size: int, load_weights: bool = True,
+                word_vectors: torch.Tensor | None = None) -> nn.Module:
+    """A freshly initialised model. `model.image.weights` is read from local disk; `word_vectors`
+    (vocab_size x text.embed_dim, e.g. GloVe rows) initialise the word embedding of the LSTM encoders."""
+    weights = read_image_weights(cfg.image) if load_weights else None
+    d = cfg.embed_dim
+    if cfg.name == "tirg":
+        model = TIRG(_vector_encoder(cfg, image_size, weights), _text_encoder(cfg, vocab_size, d), d, cfg.norm_scale)
+    elif cfg.name == "composeae":
+        text_dim = d
+        model = ComposeAE(_vector_encoder(cfg, image_size, weights), _text_encoder(cfg, vocab_size, text_dim), d,
+                          text_dim, cfg.norm_scale, cfg.composeae.as_released_conjugate_batch_limit)
+    elif cfg.name == "tirg_lastconv":
+        trunk, channels = _last_map_trunk(cfg, weights)
+        model = TIRGLastConv(trunk, nn.Linear(channels, d), _text_encoder(cfg, vocab_size, d), channels, d,
+                             cfg.norm_scale)
+    elif cfg.name == "val":
+        trunk, channels = _map_trunk(cfg, cfg.val.levels, weights)
+        model = VAL(trunk, channels, _text_encoder(cfg, vocab_size, d), d, level_map_sizes(trunk, image_size),
+                    cfg.val.num_heads, cfg.val.attention_dropout)
     else:
-        image_encoder = SmallCNN(cfg.image.channels, image_size, cfg.embed_dim)
-    text_encoder = LSTMTextEncoder(vocab_size, cfg.text.embed_dim, cfg.text.hidden_dim, cfg.embed_dim, cfg.text.dropout)
-    return TIRG(image_encoder, text_encoder, cfg.embed_dim, cfg.norm_scale)
+        trunk, channels = _last_map_trunk(cfg, weights)
+        model = AMC(trunk, channels, _text_encoder(cfg, vocab_size, d), d, cfg.amc.router_hidden, cfg.amc.heads,
+                    cfg.amc.ffn_ratio, cfg.amc.layers, cfg.amc.freeze_trunk_bn)
+    if word_vectors is not None:
+        _load_word_vectors(model.text_encoder, word_vectors, cfg)
+    return model
 
 
-def save_model(path: Path, model: TIRG, cfg: ModelConfig, vocab_words: list[str], image_size: int) -> None:
+def _load_word_vectors(text_encoder: nn.Module, vectors: torch.Tensor, cfg: ModelConfig) -> None:
+    embedding = getattr(text_encoder, "embedding", None)
+    if embedding is None:
+        raise ValueError(f"model.text.encoder: {cfg.text.encoder} has no word embedding to initialise")
+    if tuple(vectors.shape) != tuple(embedding.weight.shape):
+        raise ValueError(f"word vectors {tuple(vectors.shape)} do not fit the embedding "
+                         f"{tuple(embedding.weight.shape)} (model.text.embed_dim must equal vocabulary.glove_dim)")
+    with torch.no_grad():
+        embedding.weight.copy_(vectors)
+
+
+def save_model(path: Path, model: nn.Module, cfg: ModelConfig, text_state, image_size: int) -> None:
     """A self-describing checkpoint: later stages rebuild the model without reading `model` params."""
-    from dataclasses import asdict
-
     from stages.training import save_checkpoint
 
-    save_checkpoint(Path(path), model, {"model_config": asdict(cfg), "vocab": vocab_words, "image_size": image_size})
+    save_checkpoint(Path(path), model, {"model_config": asdict(cfg), "vocab": text_state, "image_size": image_size})
 
 
-def load_model(path: Path) -> tuple[TIRG, ModelConfig, list[str], int]:
-    """(model in eval mode on the CPU, its config, its vocabulary words, its image size)."""
+def load_model(path: Path) -> tuple[nn.Module, ModelConfig, object, int]:
+    """(model in eval mode on the CPU, its config, its text tokenizer state, its image size)."""
+    from stages.text import tokenizer_from_state
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint (did the stage that writes it run?)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = parse(ModelConfig, "model", state["model_config"], path)
-    model = build_model(cfg, len(state["vocab"]) + 1, state["image_size"], load_weights=False)
+    tokenizer = tokenizer_from_state(state["vocab"])
+    model = build_model(cfg, len(tokenizer), state["image_size"], load_weights=False)
     model.load_state_dict(state["model"])
     return model.eval(), cfg, state["vocab"], state["image_size"]

@@ -1,20 +1,60 @@
-"""One batch -> the metric loss of the composed query against its target (TIRG §1.3), plus the
-optional Gradient Augmentation regularisers (GA, Huang et al. TMM 2022; the `ga` params section)."""
+"""One batch -> the training loss of the chosen model (the `loss` params section), plus the optional
+Gradient Augmentation regularisers (GA, Huang et al. TMM 2022; the `ga` params section).
+
+loss.name
+    bbc            TIRG's batch-based classification on s-normalised vectors (any model)
+    soft_triplet   TIRG's soft triplet (any model)
+    val_matching   VAL's bidirectional semi-hard triplet, summed over levels (model val)
+    amc            AMC's L_BBC (scale 10) + λ L_BSC over the expert layers (model amc)
+ComposeAE adds its reconstruction and rotational-symmetry terms to bbc / soft_triplet.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 from typing_extensions import Annotated
 
+from models.amc import AMC, amc_loss
+from models.composeae import ComposeAE
 from models.ga import adversarial_penalty, isotropic_gradient_noise
 from models.losses import batch_based_classification, soft_triplet
-from models.tirg import TIRG
-from stages.params import section
+from models.val import VAL, val_loss
+from stages.modeling import ModelName, as_vector
+from stages.params import PARAMS_FILE, ParamsError, require, section
 from stages.training import autocast, to_device
-from stages.vocab import Vocab
+
+NonNegative = Annotated[float, Field(ge=0)]
+LOSS_OF_MODEL = {"val_matching": "val", "amc": "amc"}  # losses that need one model's internals
+
+
+@section
+class LossConfig:
+    name: Literal["bbc", "soft_triplet", "val_matching", "amc"]
+    soft_triplet_half_gradient: bool   # quirk: google/tirg's hand-written backward halves the gradient
+    ga_mse_weight: NonNegative         # quirk: the GA repo adds w·mean((q̂ - t̂)²) to bbc/soft_triplet (0.001)
+    composeae_weights: list[NonNegative]  # (L_base, L_RI, L_RT, L_RS)
+    val_margin: NonNegative
+    val_semi_hard_mode: Literal["row", "as_released"]  # as_released: TF broadcasting compares d_ij to d⁺_j
+    amc_scale: Annotated[float, Field(gt=0)]  # the fixed BBC temperature
+    amc_sim_weight: NonNegative               # λ of L_BSC
+
+    def __post_init__(self):
+        require(len(self.composeae_weights) == 4, "composeae_weights", "needs 4 weights (base, RI, RT, RS)")
+
+    def check_model(self, model_name: ModelName, batch_size: int, loop_section: str) -> None:
+        """Raise a ParamsError naming the keys when this loss cannot train this model or batch size."""
+        needs = LOSS_OF_MODEL.get(self.name)
+        if needs is not None and needs != model_name:
+            raise ParamsError(f"{PARAMS_FILE}: loss.name: '{self.name}' trains the {needs} model only, "
+                              f"model.name is '{model_name}'")
+        if self.name == "soft_triplet" and batch_size > 333:
+            raise ParamsError(f"{PARAMS_FILE}: {loop_section}.batch_size: soft_triplet keeps 3 triplets per anchor "
+                              "and asserts fewer than 2000 (batch <= 333)")
 
 
 @section
@@ -27,19 +67,79 @@ class GAConfig:
     isotropic_mode: Literal["clean", "as_released"]    # as_released: the code's cumulative weights (P-k+1)
 
 
-def composed_and_target(model: TIRG, vocab: Vocab, batch: dict, device: torch.device):
-    """(q̂, t̂): normalised composed queries and normalised targets, float32."""
-    tokens, lengths = vocab.batch(batch["text"])
+class _HalfGradient(torch.autograd.Function):
+    """Identity forward, gradient × 0.5 backward (google/tirg's soft-triplet backward, spec §1.3)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 0.5 * grad
+
+
+def metric_loss(cfg: LossConfig, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """bbc or soft_triplet on normalised q̂, t̂, with the GA repo's MSE term when ga_mse_weight > 0."""
+    if cfg.name == "bbc":
+        loss = batch_based_classification(q, t)
+    else:
+        loss = soft_triplet(q, t)
+        if cfg.soft_triplet_half_gradient:
+            loss = _HalfGradient.apply(loss)
+    if cfg.ga_mse_weight:
+        loss = loss + cfg.ga_mse_weight * F.mse_loss(q, t)
+    return loss
+
+
+def model_inputs(tokenizer, batch: dict, device: torch.device):
+    tokens, lengths = tokenizer.batch(batch["text"])
+    return to_device(batch["ref"], device), tokens.to(device), lengths.to(device)
+
+
+def composed_and_target(model: nn.Module, tokenizer, batch: dict, device: torch.device):
+    """(q̂, t̂): normalised composed queries and targets, one float32 vector per row."""
+    images, tokens, lengths = model_inputs(tokenizer, batch, device)
     with autocast(device):
-        query = model(to_device(batch["ref"], device), tokens.to(device), lengths.to(device))
+        query = model.compose(model.encode_reference(images), model.encode_text(tokens, lengths))
         target = model.encode_image(to_device(batch["tgt"], device))
-    return model.normalize(query), model.normalize(target)
+    return model.normalize(as_vector(query)), model.normalize(as_vector(target))
 
 
-def metric_loss(name: str, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    if name == "bbc":
-        return batch_based_classification(q, t)
-    return soft_triplet(q, t)
+def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, device: torch.device):
+    """(loss, q̂, t̂, logs) of one batch; q̂, t̂ are what the offline-negative hinge of `train` reuses."""
+    images, tokens, lengths = model_inputs(tokenizer, batch, device)
+    targets = to_device(batch["tgt"], device)
+    with autocast(device):
+        reference, text = model.encode_reference(images), model.encode_text(tokens, lengths)
+        if isinstance(model, AMC):
+            layers, _ = model.expert_layers(reference, text[1])
+            pooled = [r.mean(dim=1) for r in layers]
+            target = model.encode_image(targets)
+            query = pooled[-1]
+        else:
+            query, target = model.compose(reference, text), model.encode_image(targets)
+    logs: dict[str, float] = {}
+    if cfg.name == "val_matching":
+        loss = val_loss([q.float() for q in query], [t.float() for t in target], cfg.val_margin, True,
+                        cfg.val_semi_hard_mode)
+    elif cfg.name == "amc":
+        loss, terms = amc_loss([p.float() for p in pooled], target.float(), cfg.amc_sim_weight, cfg.amc_scale)
+        logs.update({f"amc_{k}": v.item() for k, v in terms.items()})
+    else:
+        loss = metric_loss(cfg, model.normalize(as_vector(query)), model.normalize(as_vector(target)))
+    if isinstance(model, ComposeAE):
+        logs["main_loss"] = loss.item()
+        with autocast(device):
+            aux = model.auxiliary_losses(reference, text, query, model.encode_image(targets),
+                                         lambda q, t: metric_loss(cfg, q, t))
+        w = cfg.composeae_weights
+        loss = (w[0] * loss + w[1] * aux["reconstruction_image"].float() + w[2] * aux["reconstruction_text"].float()
+                + w[3] * aux["rotational_symmetry"].float())
+        logs.update({k: v.item() for k, v in aux.items()})
+    if hasattr(model, "normalize") and isinstance(getattr(model.normalize, "scale", None), nn.Parameter):
+        logs["scale"] = model.normalize.scale.item()
+    return loss, model.normalize(as_vector(query)), model.normalize(as_vector(target)), logs
 
 
 def with_ga(loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], ga: GAConfig):

@@ -1,6 +1,7 @@
-"""Stage `pretrain`: the baseline TIRG model, trained on the train-split query shards.
+"""Stage `pretrain`: the model named by `model.name`, trained from scratch on the train-split query shards
+with `loss` (and `ga` when switched on).
 
-python -m stages.pretrain --shards data/shards --out data/pretrain
+python -m stages.pretrain --shards data/shards --vocab data/vocab --out data/pretrain
 """
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import argparse
 from pathlib import Path
 
 from stages import shards
-from stages.atomic import staged_dir
+from stages.atomic import staged_dir, write_json
 from stages.cli import run_stage
-from stages.loaders import decode_image, texts, training_batches
+from stages.loaders import decode_image, training_batches
 from stages.modeling import ModelConfig, build_model, save_model
-from stages.objectives import GAConfig, composed_and_target, isotropic_noise, metric_loss, with_ga
+from stages.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
 from stages.params import load
+from stages.text import training_text
 from stages.training import LoopConfig, file_digest, fingerprint, fit, pick_device, place_model, seed_everything
-from stages.vocab import Vocab
 
 
 def image_size_of(shard_dir: Path, split: str) -> int:
@@ -26,28 +27,36 @@ def image_size_of(shard_dir: Path, split: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--vocab", type=Path, required=True, help="the `vocabulary` stage's folder")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
     args = parser.parse_args(argv)
-    model_cfg, cfg, ga = load(ModelConfig, "model"), load(LoopConfig, "pretrain"), load(GAConfig, "ga")
+    model_cfg, cfg = load(ModelConfig, "model"), load(LoopConfig, "pretrain")
+    loss_cfg, ga = load(LossConfig, "loss"), load(GAConfig, "ga")
+    loss_cfg.check_model(model_cfg.name, cfg.batch_size, "pretrain")
 
     shards.read_index(args.shards)
     seed_everything(cfg.seed)
-    vocab = Vocab.build(texts(args.shards, "train"))
+    tokenizer, word_vectors = training_text(model_cfg.text.encoder, args.vocab)
     image_size = image_size_of(args.shards, "train")
     device = pick_device(cfg.device)
-    model = place_model(build_model(model_cfg, len(vocab), image_size), device)
+    model = place_model(build_model(model_cfg, len(tokenizer), image_size, word_vectors=word_vectors), device)
 
     def step(model, batch):
-        q, t = composed_and_target(model, vocab, batch, device)
-        return metric_loss(cfg.loss, q, t), {"scale": model.normalize.scale.item()}
+        loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, device)
+        return loss, logs
 
-    key = fingerprint(model_cfg, cfg, ga, file_digest(args.shards / "index.json"))
+    key = fingerprint(model_cfg, cfg, loss_cfg, ga, file_digest(args.shards / "index.json"),
+                      tokenizer.state_dict())
     with staged_dir(args.out, resume_key=key) as work:
         batches = training_batches(args.shards, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers)
         summary = fit(model, batches, with_ga(step, ga), cfg, work, "pretrain", isotropic_noise(ga, cfg.seed))
-        save_model(work / "model.pt", model.cpu(), model_cfg, vocab.state_dict(), image_size)
-    print(f"pretrain: {summary['steps']} steps in {summary['seconds']} s ({summary['steps_per_s']} steps/s) "
-          f"on {device}, vocab {len(vocab)}, image {image_size}px -> {args.out / 'model.pt'}")
+        if args.metrics:
+            write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda")})
+        save_model(work / "model.pt", model.cpu(), model_cfg, tokenizer.state_dict(), image_size)
+    print(f"pretrain: {model_cfg.name} ({loss_cfg.name}) {summary['steps']} steps in {summary['seconds']} s "
+          f"({summary['steps_per_s']} steps/s) on {device}, vocab {len(tokenizer)}, image {image_size}px "
+          f"-> {args.out / 'model.pt'}")
 
 
 if __name__ == "__main__":

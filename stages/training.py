@@ -22,6 +22,7 @@ from pydantic import Field
 from tqdm import tqdm
 from typing_extensions import Annotated
 
+from models.amc import EMA
 from stages.atomic import atomic_path
 from stages.params import require, section
 
@@ -39,7 +40,9 @@ class LoopConfig:
     weight_decay: Annotated[float, Field(ge=0)]
     lr_decay_every: Annotated[int, Field(ge=0)]
     lr_decay: Annotated[float, Field(gt=0, le=1)]
-    loss: Literal["bbc", "soft_triplet"]
+    optimizer: Literal["sgd", "adam"]  # adam: VAL and AMC (momentum unused)
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]  # EMA of the weights, saved as the model; 0 = off
+    ema_as_released_every: Annotated[int, Field(ge=0)]  # AMC quirk: every N steps train on from the EMA weights
     shuffle_buffer: Annotated[int, Field(ge=0)]
     workers: Annotated[int, Field(ge=0)]
     device: DeviceName
@@ -47,8 +50,8 @@ class LoopConfig:
     log_every: PositiveInt
 
     def __post_init__(self):
-        require(self.loss != "soft_triplet" or self.batch_size <= 333, "batch_size",
-                "soft_triplet keeps 3 triplets per anchor and asserts fewer than 2000 (batch <= 333)")
+        require(self.ema_as_released_every == 0 or self.ema_decay > 0, "ema_as_released_every",
+                "needs ema_decay > 0")
 
 
 def pick_device(name: str) -> torch.device:
@@ -94,7 +97,11 @@ def file_digest(path: Path) -> str:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig):
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen encoders (MiniLM) stay out
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-8, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step_size = cfg.lr_decay_every or cfg.steps + 1  # 0 = constant learning rate
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=cfg.lr_decay)
     return optimizer, scheduler
@@ -129,6 +136,7 @@ def fit(
     `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
     """
     optimizer, scheduler = make_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     resume_file = work_dir / "resume.pt"
     start = 0
     if resume_file.exists():
@@ -136,6 +144,8 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.shadow = {k: v.to(next(model.parameters()).device) for k, v in state["ema"].items()}
         torch.set_rng_state(state["rng"])
         start = state["step"]
         forget_logs_after(work_dir / "live", start)
@@ -154,6 +164,11 @@ def fit(
             after_backward(model)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update()
+            if cfg.ema_as_released_every and (step + 1) % cfg.ema_as_released_every == 0:
+                ema.apply_shadow()  # and never restore(): the release's per-epoch behaviour
+                ema.backup = {}
         loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             live.step = step + 1
@@ -167,8 +182,12 @@ def fit(
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             with atomic_path(resume_file) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1}, tmp)
+                            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
+                            "ema": ema.shadow if ema is not None else None}, tmp)
     live.end()
+    if ema is not None:  # the averaged weights are the model that is saved and evaluated
+        ema.apply_shadow()
+        ema.backup = {}
     if resume_file.exists():
         resume_file.unlink()
     seconds = time.time() - began

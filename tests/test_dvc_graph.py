@@ -4,8 +4,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = {"prepare": ["dataset", "download"], "resize": ["resize"], "shard": ["shard"], "pretrain": ["model", "pretrain", "ga"],
-            "mine": ["mine"], "train": ["train", "ga"], "evaluate": ["evaluate"]}
+SECTIONS = {"prepare": ["dataset", "download"], "resize": ["resize"], "shard": ["shard"], "vocabulary": ["vocabulary"],
+            "pretrain": ["model", "loss", "pretrain", "ga"],
+            "mine": ["mine"], "train": ["loss", "train", "ga"], "evaluate": ["evaluate"]}
 
 
 def leaves(prefix, node):

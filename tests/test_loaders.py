@@ -7,6 +7,7 @@ from stages.datasets import shapes
 from stages.embedding import embed_gallery, embed_queries
 from stages.loaders import decode_image, training_batches
 from stages.modeling import ModelConfig, build_model
+from tiny_repo import model_params
 from stages.params import parse
 from stages.resize import ResizeConfig, run_resize
 from stages.shard import ShardConfig, run_shard
@@ -54,13 +55,12 @@ def test_training_batches_are_reproducible_and_reshuffle_each_epoch(data):
 
 
 def test_embeddings_follow_shard_order_and_are_normalised(data):
-    model_cfg = parse(ModelConfig, "model", {
-        "name": "tirg", "embed_dim": 16, "norm_scale": 4.0,
-        "image": {"encoder": "small_cnn", "weights": None, "channels": [8]},
-        "text": {"embed_dim": 8, "hidden_dim": 8, "dropout": 0.0}})
+    model_cfg = parse(ModelConfig, "model", model_params(
+        name="tirg", embed_dim=16, image={"encoder": "small_cnn", "weights": None, "channels": [8]},
+        text={"embed_dim": 8, "hidden_dim": 8, "dropout": 0.0}))
     vocab = Vocab.build(["add a red circle"])
     model = build_model(model_cfg, len(vocab), 24).eval()
-    ids, gallery = embed_gallery(model, data / "shards", "test", 5, torch.device("cpu"))
+    ids, _, gallery = embed_gallery(model, data / "shards", "test", 5, torch.device("cpu"))
     images = pq.read_table(data / "resized" / "images.parquet").to_pylist()
     assert ids == [r["image_id"] for r in images if r["split"] == "test"]
     assert torch.allclose(gallery.norm(dim=1), torch.ones(len(ids)))

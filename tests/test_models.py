@@ -8,14 +8,14 @@ from models.encoders import LSTMTextEncoder, SmallCNN
 from models.losses import batch_based_classification, offline_negative_hinge, soft_triplet
 from models.tirg import TIRG
 from stages.modeling import ModelConfig, build_model
+from tiny_repo import model_params
 from stages.params import ParamsError, parse
 from stages.vocab import Vocab, tokenize
 
-MODEL = {
-    "name": "tirg", "embed_dim": 32, "norm_scale": 4.0,
+MODEL = model_params(**{"name": "tirg", "embed_dim": 32, "norm_scale": 4.0,
     "image": {"encoder": "small_cnn", "weights": None, "channels": [8, 16]},
     "text": {"embed_dim": 16, "hidden_dim": 24, "dropout": 0.1},
-}
+})
 
 
 def test_tokenizer_and_vocab_follow_tirg():

@@ -5,12 +5,13 @@ from models.ga import adversarial_penalty
 from models.losses import batch_based_classification
 from stages.modeling import ModelConfig, build_model
 from stages.objectives import GAConfig, composed_and_target, isotropic_noise, with_ga
+from tiny_repo import model_params
 from stages.params import parse
 from stages.vocab import Vocab
 
-MODEL = {"name": "tirg", "embed_dim": 16, "norm_scale": 4.0,
+MODEL = model_params(**{"name": "tirg", "embed_dim": 16, "norm_scale": 4.0,
          "image": {"encoder": "small_cnn", "weights": None, "channels": [4]},
-         "text": {"embed_dim": 8, "hidden_dim": 8, "dropout": 0.0}}
+         "text": {"embed_dim": 8, "hidden_dim": 8, "dropout": 0.0}})
 OFF = dict(adversarial=False, adversarial_lambda=1e-6, adversarial_q=1.0, isotropic=False,
            isotropic_weight=0.01, isotropic_mode="clean")
 

@@ -27,9 +27,9 @@ def test_every_section_of_the_repository_params_parses():
         ({"lr": "0.1"}, r"train\.lr: Input should be a valid number"),
         ({"steps": 10.5}, r"train\.steps: Input should be a valid integer"),
         ({"offline_negatives": "yes"}, r"train\.offline_negatives: Input should be a valid boolean"),
-        ({"loss": "hinge"}, r"train\.loss: Input should be 'bbc' or 'soft_triplet'"),
+        ({"optimizer": "rmsprop"}, r"train\.optimizer: Input should be 'sgd' or 'adam'"),
         ({"learning_rate": 0.1}, r"train\.learning_rate: unknown key"),
-        ({"loss": "soft_triplet", "batch_size": 400}, r"train\.batch_size: soft_triplet"),
+        ({"ema_as_released_every": 5}, r"train\.ema_as_released_every: needs ema_decay > 0"),
     ],
 )
 def test_bad_train_params_name_the_key(change, message):

@@ -23,14 +23,18 @@ def test_dvc_repro_runs_every_stage_then_skips_them(tiny_repo):
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
     values = metrics[""]["data"]["metrics/evaluate.json"]["data"]
-    for split in ("test", "novel", "harmonic"):
-        assert set(values["tirg"][split]) == {"r1", "r5", "r10"}
-        assert all(0 <= v <= 100 for v in values["tirg"][split].values())
-    assert values["counts"]["test"]["queries"] == 60
-    whm, test, novel = values["tirg"]["whm"], values["tirg"]["test"], values["tirg"]["novel"]
+    composed = values["composed"]
+    for split in ("test", "novel"):
+        assert set(composed[split]["target"]) == {"r1", "r5", "r10", "queries", "gallery"}
+        assert all(0 <= composed[split]["target"][f"r{k}"] <= 100 for k in (1, 5, 10))
+    assert set(composed["harmonic"]["target"]) == {"r1", "r5", "r10"}
+    assert composed["test"]["target"]["queries"] == 60
+    whm, test, novel = composed["whm"]["target"], composed["test"]["target"], composed["novel"]["target"]
     assert set(whm) == {"r1", "r5", "r10"}  # whm.definition = splits: one value per recall level
     assert min(test["r10"], novel["r10"]) <= whm["r10"] <= max(test["r10"], novel["r10"])
     assert (tiny_repo / "data/pretrain/live/plots/metrics/loss.tsv").exists()
+    timing = metrics[""]["data"]["metrics/pretrain.json"]["data"]
+    assert timing["steps"] == 12 and timing["seconds"] > 0
 
     second = run(["dvc", "repro"], tiny_repo)
     assert "Running stage" not in second.stdout

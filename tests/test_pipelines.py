@@ -13,7 +13,8 @@ from prefect.testing.utilities import prefect_test_harness
 from pipelines.common import OrchestrationConfig, stages_in_order
 from pipelines.repro import repro
 from pipelines.serve import deployments
-from pipelines.sweep import parse_grid, sweep
+from pipelines import report
+from pipelines.sweep import combinations, parse_grid, sweep
 from stages.params import parse
 from tiny_repo import STAGES, make_tiny_repo, set_param
 
@@ -44,7 +45,7 @@ def test_repro_runs_one_task_per_stage_in_dvc_order_then_skips_them(tiny):
     assert [r["stage"] for r in records] == STAGES
     assert [r["status"] for r in records] == ["ran"] * len(STAGES)
     assert [run.name for run in task_runs(state)] == STAGES
-    assert records[-1]["metrics"]["metrics/evaluate.json"]["counts.test.queries"] == 60
+    assert records[-1]["metrics"]["metrics/evaluate.json"]["composed.test.target.queries"] == 60
 
     again = repro(root=str(tiny))
     assert {r["status"] for r in again} == {"up_to_date"}
@@ -57,7 +58,7 @@ def test_overrides_go_to_dvc_as_set_params_and_rerun_only_what_they_touch(tiny):
         set_param(tiny, "train", "steps", 6)
     status = {r["stage"]: r["status"] for r in records}
     assert status["train"] == "ran" and status["evaluate"] == "ran"
-    assert {status[s] for s in STAGES[:5]} == {"up_to_date"}
+    assert {status[s] for s in STAGES[:STAGES.index("train")]} == {"up_to_date"}
     with pytest.raises(ValueError, match="expected key=value"):
         repro.fn(root=str(tiny), overrides=["train.steps"])
 
@@ -83,7 +84,7 @@ def test_sweep_over_a_2x2_grid_gives_four_experiments_with_distinct_metrics(tiny
     rows = sweep(grid=grid, root=str(tiny), out="sweeps/grid.csv")
     assert [r["status"] for r in rows] == ["done"] * 4
     assert {(r["train.lr"], r["train.steps"]) for r in rows} == {("0.01", "4"), ("0.01", "8"), ("0.05", "4"), ("0.05", "8")}
-    metric_rows = {tuple(v for k, v in sorted(r.items()) if k.startswith("tirg.")) for r in rows}
+    metric_rows = {tuple(v for k, v in sorted(r.items()) if k.startswith("composed.")) for r in rows}
     assert len(metric_rows) == 4 and all(metric_rows)
     with open(tiny / "sweeps/grid.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
@@ -93,7 +94,41 @@ def test_a_failing_experiment_is_listed_and_the_others_complete(tiny):
     rows = sweep(grid={"train.lr": ["-1", "0.02"]}, root=str(tiny), out="sweeps/bad.csv")
     failed, done = rows
     assert failed["status"] == "failed" and "train.lr: Input should be greater than 0" in failed["error"]
-    assert done["status"] == "done" and "tirg.test.r10" in done
+    assert done["status"] == "done" and "composed.test.target.r10" in done
+
+
+def test_report_tables_the_sweep_from_dvc_exp_show(tiny, tmp_path, capsys):
+    """Runs after the 2x2 sweep above: its four experiments, one table row each, numbers as DVC has them."""
+    with open(tiny / "sweeps/grid.csv") as f:
+        rows = list(csv.DictReader(f))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+    report.main(["--csv", str(tiny / "sweeps/grid.csv"), "--root", str(tiny), "--readme", str(readme)])
+    table = readme.read_text().split(report.BEGIN)[1].split(report.END)[0].strip().splitlines()
+    assert table[0].startswith("| model | GA | test R@1") and len(table) == 2 + 4
+    for row, line in zip(rows, table[2:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == "tirg" and cells[1] == "—"
+        assert cells[2] == f"{float(row['composed.test.target.r1']):.1f}"
+        assert cells[6] == f"{float(row['composed.novel.target.r10']):.1f}"
+        assert cells[9] == f"{float(row['composed.whm.target.r10']):.1f}"
+    assert readme.read_text().endswith("tail\n") and "old" not in readme.read_text()
+
+
+def test_named_options_change_params_together(tmp_path):
+    (tmp_path / "grid.yaml").write_text(
+        "model:\n  tirg: {model.name: tirg, loss.name: bbc}\n  val: {model.name: val, loss.name: val_matching}\n"
+        "ga.adversarial: [false, true]\n")
+    points = combinations(parse_grid(None, tmp_path / "grid.yaml"))
+    assert points == [
+        ({"model": "tirg"}, {"model.name": "tirg", "loss.name": "bbc", "ga.adversarial": "false"}),
+        ({"model": "tirg"}, {"model.name": "tirg", "loss.name": "bbc", "ga.adversarial": "true"}),
+        ({"model": "val"}, {"model.name": "val", "loss.name": "val_matching", "ga.adversarial": "false"}),
+        ({"model": "val"}, {"model.name": "val", "loss.name": "val_matching", "ga.adversarial": "true"}),
+    ]
+    (tmp_path / "bad.yaml").write_text("model:\n  tirg: tirg\n")
+    with pytest.raises(ValueError, match="model.tirg: expected a mapping"):
+        parse_grid(None, tmp_path / "bad.yaml")
 
 
 def test_grid_from_yaml_file(tmp_path):

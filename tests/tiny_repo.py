@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "resize", "shard", "pretrain", "mine", "train", "evaluate"]
+STAGES = ["prepare", "resize", "shard", "vocabulary", "pretrain", "mine", "train", "evaluate"]
 TINY = {
     "dataset": {"shapes": {"image_size": 40, "train_queries": 240, "test_queries": 60, "novel_queries": 60}},
     "resize": {"size": 32, "workers": 2},
@@ -26,6 +26,16 @@ def merge(base: dict, change: dict) -> dict:
     for key, value in change.items():
         out[key] = merge(base[key], value) if isinstance(value, dict) else value
     return out
+
+
+def model_params(**changes) -> dict:
+    """The `model` section of params.yaml with `changes` merged in (nested dicts merge key by key)."""
+    import copy
+
+    import yaml
+
+    base = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text())["model"])
+    return merge(base, changes)
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
