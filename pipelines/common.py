@@ -81,3 +81,18 @@ def dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
 
 def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def shown_experiments(root: Path, names: set[str]) -> dict[str, dict]:
+    """{experiment name: its `data` in `dvc exp show --json` (params and metrics per file)}."""
+    import json
+
+    shown = dvc(["exp", "show", "--json"], root)
+    if shown.returncode != 0:
+        raise RuntimeError(f"dvc exp show failed:\n{tail(shown.stderr)}")
+    return {rev["name"]: rev["data"]
+            for baseline in json.loads(shown.stdout)
+            for experiment in baseline.get("experiments") or []
+            for rev in experiment["revs"]
+            if rev.get("name") in names and rev.get("data")}
+

@@ -3,6 +3,10 @@
     python -m pipelines.sweep --set train.lr=0.01,0.05 --set train.steps=150,300 [--grid grid.yaml]
                               [--root .] [--out sweeps/<name>.csv]
 
+A grid file maps a param to its values, or an axis name to named options, each a group of params that
+change together (e.g. `model: {val: {model.name: val, loss.name: val_matching}, ...}`); the sweep is the
+product of all axes. sweeps/shapes_models.yaml is the four-models-with-and-without-GA sweep.
+
 Each combination is one Prefect task running `dvc exp run --temp -n <name> -S ...`, at most
 `orchestration.parallel` at a time. (`--temp` runs each experiment in its own temporary copy of the
 workspace and needs no queue worker in the background; DVC's `--queue` + celery workers add a
@@ -15,29 +19,43 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import time
 from pathlib import Path
+from typing import Union
 
 import yaml
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
-from pipelines.common import dvc, load_orchestration, tail
+from pipelines.common import dvc, load_orchestration, shown_experiments, tail
 from pipelines.repro import flatten
 
 
-def parse_grid(sets: list[str] | None, grid_file: Path | None) -> dict[str, list[str]]:
-    """{param: values} from `--set key=v1,v2` items and/or a YAML mapping of key -> list of values."""
-    grid: dict[str, list[str]] = {}
+Grid = dict[str, Union[list[str], dict[str, dict[str, str]]]]
+
+
+def _as_param_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def parse_grid(sets: list[str] | None, grid_file: Path | None) -> Grid:
+    """{axis: values} from `--set key=v1,v2` items and/or a YAML file. An axis is a param with its
+    values, or a name with named options {label: {param: value, ...}}."""
+    grid: Grid = {}
     if grid_file is not None:
         raw = yaml.safe_load(Path(grid_file).read_text())
         if not isinstance(raw, dict):
             raise ValueError(f"{grid_file}: expected a mapping of param -> list of values")
         for key, values in raw.items():
+            if isinstance(values, dict):
+                for label, group in values.items():
+                    if not isinstance(group, dict) or not group:
+                        raise ValueError(f"{grid_file}: {key}.{label}: expected a mapping of param -> value")
+                grid[key] = {str(label): {k: _as_param_value(v) for k, v in group.items()}
+                             for label, group in values.items()}
+                continue
             values = values if isinstance(values, list) else [values]
-            grid[key] = [yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
-                         for v in values]
+            grid[key] = [_as_param_value(v) for v in values]
     for item in sets or []:
         key, eq, values = item.partition("=")
         if not eq or not key or not values:
@@ -48,52 +66,58 @@ def parse_grid(sets: list[str] | None, grid_file: Path | None) -> dict[str, list
     return grid
 
 
-def combinations(grid: dict[str, list[str]]) -> list[dict[str, str]]:
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+def combinations(grid: Grid) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """Every point of the grid as (labels of the named-option axes, the params it sets)."""
+    axes = []
+    for key, options in grid.items():
+        if isinstance(options, dict):
+            axes.append([({key: label}, group) for label, group in options.items()])
+        else:
+            axes.append([({}, {key: value}) for value in options])
+    points = []
+    for choice in itertools.product(*axes):
+        labels, assignment = {}, {}
+        for label, params in choice:
+            labels.update(label)
+            assignment.update(params)
+        points.append((labels, assignment))
+    return points
 
 
 @task
-def run_experiment(root: str, name: str, assignment: dict[str, str]) -> dict:
+def run_experiment(root: str, name: str, assignment: dict[str, str], labels: dict[str, str] | None = None) -> dict:
     args = ["exp", "run", "--temp", "--name", name, *(a for k, v in assignment.items() for a in ("-S", f"{k}={v}"))]
     began = time.perf_counter()
     result = dvc(args, Path(root))
     seconds = round(time.perf_counter() - began, 1)
     if result.returncode != 0:
         print(f"{name}: failed after {seconds} s")
-        return {"experiment": name, "status": "failed", "seconds": seconds, **assignment,
+        return {"experiment": name, "status": "failed", "seconds": seconds, **(labels or {}), **assignment,
                 "error": tail(result.stdout + "\n" + result.stderr, 8)}
     print(f"{name}: done in {seconds} s")
-    return {"experiment": name, "status": "done", "seconds": seconds, **assignment, "error": ""}
+    return {"experiment": name, "status": "done", "seconds": seconds, **(labels or {}), **assignment, "error": ""}
 
 
 def experiment_metrics(root: Path, names: set[str]) -> dict[str, dict[str, object]]:
-    """{experiment name: flattened metrics} from `dvc exp show --json`."""
-    shown = dvc(["exp", "show", "--json"], root)
-    if shown.returncode != 0:
-        raise RuntimeError(f"dvc exp show failed:\n{tail(shown.stderr)}")
+    """{experiment name: flattened metrics of all its metrics files} from `dvc exp show --json`."""
     found = {}
-    for baseline in json.loads(shown.stdout):
-        for experiment in baseline.get("experiments") or []:
-            for rev in experiment["revs"]:
-                if rev.get("name") in names and rev.get("data"):
-                    metrics = {}
-                    for path, content in (rev["data"].get("metrics") or {}).items():
-                        metrics.update(flatten(content.get("data") or {}))
-                    found[rev["name"]] = metrics
+    for name, data in shown_experiments(root, names).items():
+        found[name] = {}
+        for content in (data.get("metrics") or {}).values():
+            found[name].update(flatten(content.get("data") or {}))
     return found
 
 
 @flow(name="cirflow-sweep", log_prints=True)
-def sweep(grid: dict[str, list[str]], root: str = ".", out: str | None = None) -> list[dict]:
+def sweep(grid: Grid, root: str = ".", out: str | None = None) -> list[dict]:
     """Run every combination of `grid` as a DVC experiment; returns one row per experiment."""
     cfg = load_orchestration(Path(root))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    jobs = [(f"sweep-{stamp}-{i:02d}", assignment) for i, assignment in enumerate(combinations(grid))]
+    jobs = [(f"sweep-{stamp}-{i:02d}", point) for i, point in enumerate(combinations(grid))]
     rows = []
     for start in range(0, len(jobs), cfg.parallel):
-        futures = [run_experiment.with_options(task_run_name=name).submit(root, name, assignment)
-                   for name, assignment in jobs[start : start + cfg.parallel]]
+        futures = [run_experiment.with_options(task_run_name=name).submit(root, name, assignment, labels)
+                   for name, (labels, assignment) in jobs[start : start + cfg.parallel]]
         rows += [future.result() for future in futures]
     metrics = experiment_metrics(Path(root), {row["experiment"] for row in rows if row["status"] == "done"})
     for row in rows:
@@ -126,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = parse_grid(args.sets, args.grid)
     rows = sweep(grid=grid, root=args.root, out=args.out)
     for row in rows:
-        print(f"{row['experiment']}  {row['status']:<6}  " + "  ".join(f"{k}={row[k]}" for k in grid))
+        print(f"{row['experiment']}  {row['status']:<6}  " + "  ".join(f"{k}={row[k]}" for k in grid if k in row))
 
 
 if __name__ == "__main__":
