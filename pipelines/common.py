@@ -84,10 +84,11 @@ def tail(text: str, lines: int = 25) -> str:
 
 
 def shown_experiments(root: Path, names: set[str]) -> dict[str, dict]:
-    """{experiment name: its `data` in `dvc exp show --json` (params and metrics per file)}."""
+    """{experiment name: its `data` in `dvc exp show --json --all-commits` (params and metrics per file);
+    all commits, so a sweep that outlives a commit still finds its first experiments."""
     import json
 
-    shown = dvc(["exp", "show", "--json"], root)
+    shown = dvc(["exp", "show", "--json", "--all-commits"], root)
     if shown.returncode != 0:
         raise RuntimeError(f"dvc exp show failed:\n{tail(shown.stderr)}")
     return {rev["name"]: rev["data"]
