@@ -90,9 +90,27 @@ def read(manifest_dir: Path | str, images: pa.Table | None = None, images_name: 
     return captions
 
 
+def _grouped(captions: pa.Table) -> dict[str, list[dict[str, str]]]:
+    grouped: dict[str, list[dict[str, str]]] = {}
+    for row in captions.select(["caption_id", "image_id", "text"]).to_pylist():
+        grouped.setdefault(row["image_id"], []).append({"caption_id": row["caption_id"], "text": row["text"]})
+    return grouped
+
+
 def by_image(captions: pa.Table) -> dict[str, list[str]]:
     """image_id -> its caption texts, in table order (the ITM protocol's "5 GT captions")."""
-    grouped: dict[str, list[str]] = {}
-    for image_id, text in zip(captions.column("image_id").to_pylist(), captions.column("text").to_pylist()):
-        grouped.setdefault(image_id, []).append(text)
+    return {image_id: [c["text"] for c in rows] for image_id, rows in _grouped(captions).items()}
+
+
+def of_images(captions: pa.Table, images: pa.Table, where: Path | str = "<memory>") -> dict[str, list[dict[str, str]]]:
+    """image_id -> [{"caption_id", "text"}, ...] in table order, for every image of `images` (a table
+    with image_id and split columns); an image without a caption of its own is a ManifestError
+    naming the file and the image."""
+    grouped = _grouped(captions)
+    for image_id, split in zip(images.column("image_id").to_pylist(), images.column("split").to_pylist()):
+        if image_id not in grouped:
+            raise ManifestError(
+                f"{Path(where) / CAPTIONS_FILE}: image {image_id!r} (split {split!r}) has no caption; "
+                "every image of a dataset with captions.parquet needs at least one"
+            )
     return grouped

@@ -1,4 +1,5 @@
-"""Tensors from the WebDataset shards: shuffled training batches and ordered evaluation batches."""
+"""Tensors from the WebDataset shards: shuffled training batches (queries, or image-caption pairs for
+image-text matching) and ordered evaluation batches."""
 from __future__ import annotations
 
 import io
@@ -47,15 +48,53 @@ def _collate(samples: list[dict]) -> dict:
     }
 
 
-def _epoch_loader(urls: list[str], batch_size: int, shuffle_buffer: int, seed: int, workers: int):
+def _pairs(samples: Iterator[dict]) -> Iterator[dict]:
+    """A pipeline stage: each decoded gallery sample -> one item per caption (image still bytes)."""
+    for sample in samples:
+        meta, image = sample["json"], shards.image_member(sample)
+        for caption in shards.sample_captions(meta):
+            yield {"image": image, "text": caption["text"], "image_id": meta["image_id"],
+                   "caption_id": caption["caption_id"]}
+
+
+def _pair_sample(pair: dict) -> dict:
+    return {**pair, "image": decode_image(pair["image"])}
+
+
+def _collate_pairs(pairs: list[dict]) -> dict:
+    return {
+        "image": torch.stack([p["image"] for p in pairs]),
+        **{key: [p[key] for p in pairs] for key in ("text", "image_id", "caption_id")},
+    }
+
+
+def _epoch_loader(urls: list[str], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+                  to_item=_query_sample, collate=_collate, expand=None):
+    """One epoch: shards shuffled, samples (after `expand`, a generator stage, if any) shuffled,
+    mapped by `to_item`, collated into full batches."""
     dataset = (
         wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, nodesplitter=None, empty_check=False)
-        .shuffle(shuffle_buffer, seed=seed)
-        .decode()  # json only; images stay bytes and are decoded by _query_sample
-        .map(_query_sample)
-        .batched(batch_size, collation_fn=_collate, partial=False)
+        .decode()  # json only; images stay bytes until to_item (decoding before shuffle keeps the order)
+    )
+    if expand is not None:
+        dataset = dataset.compose(expand)
+    dataset = (
+        dataset.shuffle(shuffle_buffer, seed=seed)
+        .map(to_item)
+        .batched(batch_size, collation_fn=collate, partial=False)
     )
     return wds.WebLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)))
+
+
+def _endless(epoch_loader, what: str, shard_dir: Path, split: str, batch_size: int, seed: int) -> Iterator[dict]:
+    """Batches of epoch_loader(seed + epoch) for epoch 0, 1, ...; an epoch without a batch is an error."""
+    for epoch in itertools.count():
+        yielded = False
+        for batch in epoch_loader(seed + epoch):
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError(f"{shard_dir}: split '{split}' has fewer {what} than one batch of {batch_size}")
 
 
 def training_batches(
@@ -63,13 +102,21 @@ def training_batches(
 ) -> Iterator[dict]:
     """Endless shuffled query batches; each epoch reshuffles with seed + epoch (reproducible)."""
     urls = shards.shard_paths(shard_dir, split, "queries")
-    for epoch in itertools.count():
-        yielded = False
-        for batch in _epoch_loader(urls, batch_size, shuffle_buffer, seed + epoch, workers):
-            yielded = True
-            yield batch
-        if not yielded:
-            raise ValueError(f"{shard_dir}: split '{split}' has fewer queries than one batch of {batch_size}")
+    yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers),
+                        "queries", shard_dir, split, batch_size, seed)
+
+
+def matching_batches(
+    shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int
+) -> Iterator[dict]:
+    """Endless shuffled batches of (image, caption) pairs for image-text matching: every caption of
+    every gallery image of the split is one pair each epoch (an image with 5 captions comes 5 times).
+    Keys: image (B x 3 x H x W), text, image_id, caption_id (lists). Each epoch reshuffles with
+    seed + epoch (reproducible); pairs that do not fill a last batch are left out of that epoch."""
+    urls = shards.shard_paths(shard_dir, split, "gallery")
+    yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers,
+                                                to_item=_pair_sample, collate=_collate_pairs, expand=_pairs),
+                        "image-caption pairs", shard_dir, split, batch_size, seed)
 
 
 def texts(shard_dir: Path, split: str) -> Iterator[str]:

@@ -3,8 +3,10 @@
     python -m stages.shard --input data/resized --output data/shards
 
 Reads only the `shard` section of params.yaml. For every split: gallery shards (one sample per
-image) and query shards (one sample per query, with both images), in manifest order; layout and
-sample format in stages.shards. The output directory appears only once complete.
+image, with every caption of the image from captions.parquet when the input has one, else its
+manifest caption) and query shards (one sample per query, with both images), in manifest order;
+folds.json, when the input has one, is copied beside them. Layout and sample format in
+stages.shards. The output directory appears only once complete.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pyarrow as pa
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages import manifest, shards
+from stages import captions, manifest, shards
 from stages.atomic import staged_dir, write_json
 from stages.cli import run_stage
 from stages.params import PARAMS_FILE, load, section
@@ -47,9 +49,12 @@ class Summary:
         )
 
 
-def gallery_samples(images: list[dict[str, str]], input_dir: Path):
+def gallery_samples(images: list[dict[str, str]], input_dir: Path,
+                    captions_of: dict[str, list[dict[str, str]]] | None):
+    """`captions_of`: image_id -> its captions as {caption_id, text}; None = each image's own caption."""
     for sample_key, image in zip(shards.unique_keys(i["image_id"] for i in images), images):
-        yield shards.gallery_sample(sample_key, image["image_id"], image["caption"], input_dir / image["path"])
+        own = None if captions_of is None else captions_of[image["image_id"]]
+        yield shards.gallery_sample(sample_key, image["image_id"], image["caption"], input_dir / image["path"], own)
 
 
 def query_samples(queries: list[dict[str, str]], path_of: dict[str, str], input_dir: Path):
@@ -66,10 +71,19 @@ def rows_by_split(table: pa.Table, splits: list[str]) -> dict[str, list[dict[str
     return groups
 
 
+def image_captions(input_dir: Path, images: pa.Table) -> dict[str, list[dict[str, str]]] | None:
+    """image_id -> its captions from the input's captions.parquet (checked: every image has one);
+    None when the input has no captions file."""
+    if not (input_dir / captions.CAPTIONS_FILE).exists():
+        return None
+    return captions.of_images(captions.read(input_dir, images), images, input_dir)
+
+
 def write_split(work: Path, split: str, images: list[dict[str, str]], queries: list[dict[str, str]],
-                path_of: dict[str, str], input_dir: Path, cfg: ShardConfig) -> dict[str, Any]:
+                path_of: dict[str, str], input_dir: Path, cfg: ShardConfig,
+                captions_of: dict[str, list[dict[str, str]]] | None = None) -> dict[str, Any]:
     """Gallery and query shards of one split; returns its index entry."""
-    gallery = gallery_samples(images, input_dir)
+    gallery = gallery_samples(images, input_dir, captions_of)
     split_queries = query_samples(queries, path_of, input_dir)
     return {
         "gallery": shards.write_shards(work, split, "gallery", gallery, cfg.maxcount, cfg.maxsize),
@@ -94,13 +108,16 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig) -
         shards.check_split_name(split)
     images_of, queries_of = rows_by_split(images, splits), rows_by_split(queries, splits)
     path_of = dict(zip(images.column("image_id").to_pylist(), images.column("path").to_pylist()))
+    captions_of = image_captions(input_dir, images)
     start = time.perf_counter()
     with staged_dir(output_dir) as work:
-        index = {"format": shards.INDEX_FORMAT, "splits": {}}
+        index: dict[str, Any] = {"format": shards.INDEX_FORMAT, "splits": {}}
         for split in splits:
             index["splits"][split] = write_split(
-                work, split, images_of[split], queries_of[split], path_of, input_dir, cfg
+                work, split, images_of[split], queries_of[split], path_of, input_dir, cfg, captions_of
             )
+        if (input_dir / captions.FOLDS_FILE).exists():
+            index["folds"] = shards.write_folds(work, input_dir / captions.FOLDS_FILE)
         write_json(work / shards.INDEX_FILE, index)
         megabytes = total_megabytes(work, index["splits"])
     return Summary(index["splits"], megabytes, time.perf_counter() - start)

@@ -1,11 +1,15 @@
 """The WebDataset shards: how samples are laid out, written, indexed, verified and read back.
 
-    <shard_dir>/index.json                    splits, shards, sample counts, sha256 of every shard
+    <shard_dir>/index.json                    splits, shards, sample counts, sha256 of every shard (and of folds.json)
     <shard_dir>/<split>/gallery-000000.tar    one sample per image:  <key>.png|jpg, <key>.json
     <shard_dir>/<split>/queries-000000.tar    one sample per query:  <key>.ref.png|jpg, <key>.tgt.png|jpg, <key>.json
+    <shard_dir>/folds.json                    only when the dataset has one (COCO 1K): {fold: [image_id, ...]}
 
 The `json` member carries the real ids; the sample key is only a tar-safe name derived from them
-(see `key`). Image bytes are stored as the resized files are, never re-encoded.
+(see `key`). A gallery sample's json is {image_id, caption, captions}: `captions` lists every caption
+of the image as {caption_id, text} (image-text matching datasets have several; otherwise it is the
+one `caption`, with the image_id as caption_id). Shards written before `captions` existed are read as
+if they had that one entry. Image bytes are stored as the resized files are, never re-encoded.
 """
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
+from stages.atomic import write_bytes
 from stages.cli import StageError
 
 INDEX_FILE = "index.json"
@@ -76,16 +81,32 @@ def image_extension(path: Path | str) -> str:
     return IMAGE_EXTENSIONS[suffix]
 
 
-def _json_bytes(meta: dict[str, str]) -> bytes:
+def _json_bytes(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
-def gallery_sample(sample_key: str, image_id: str, caption: str, image_path: Path) -> dict[str, Any]:
+def single_caption(image_id: str, caption: str) -> list[dict[str, str]]:
+    """The `captions` of an image that has only its manifest caption."""
+    return [{"caption_id": image_id, "text": caption}]
+
+
+def gallery_sample(sample_key: str, image_id: str, caption: str, image_path: Path,
+                   captions: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """`captions`: every caption of the image as {caption_id, text}; None = the one `caption`."""
+    if captions is None:
+        captions = single_caption(image_id, caption)
     return {
         "__key__": sample_key,
         image_extension(image_path): image_path.read_bytes(),
-        "json": _json_bytes({"image_id": image_id, "caption": caption}),
+        "json": _json_bytes({"image_id": image_id, "caption": caption, "captions": captions}),
     }
+
+
+def sample_captions(meta: dict[str, Any]) -> list[dict[str, str]]:
+    """A gallery sample's captions as {caption_id, text}; an old shard's sample has only `caption`."""
+    if "captions" in meta:
+        return meta["captions"]
+    return single_caption(meta["image_id"], meta["caption"])
 
 
 def query_sample(sample_key: str, query: dict[str, str], reference_path: Path, target_path: Path) -> dict[str, Any]:
@@ -146,17 +167,39 @@ def write_shards(
     return {"count": sum(counts.values()), "shards": shards}
 
 
+def write_folds(shard_dir: Path, source: Path) -> dict[str, str]:
+    """Check `source` is a folds file, copy it unchanged (atomically) into `shard_dir` under its own
+    name; returns the index entry {file, sha256}."""
+    _parse_folds(source)
+    target = shard_dir / source.name
+    write_bytes(target, source.read_bytes())
+    return {"file": source.name, "sha256": file_sha256(target)}
+
+
 # --- reading -------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, missing_hint: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing ({missing_hint})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StageError(f"{path}: not valid JSON: {err}") from None
+
+
+def _parse_folds(path: Path) -> dict[str, list[str]]:
+    folds = _read_json(path, "did the shard stage run?")
+    if not isinstance(folds, dict) or not all(
+        isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in folds.values()
+    ):
+        raise StageError(f"{path}: not a folds file ({{fold: [image_id, ...]}})")
+    return folds
 
 
 def read_index(shard_dir: Path | str) -> dict[str, Any]:
     path = Path(shard_dir) / INDEX_FILE
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StageError(f"{path}: missing (did the shard stage run?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StageError(f"{path}: not valid JSON: {err}") from None
+    index = _read_json(path, "did the shard stage run?")
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("splits"), dict):
         raise StageError(f"{path}: not a shard index of format {INDEX_FORMAT}")
     return index
@@ -177,26 +220,42 @@ def shard_paths(shard_dir: Path | str, split: str, kind: str) -> list[str]:
     return [os.path.abspath(Path(shard_dir) / shard["file"]) for shard in entry["shards"]]
 
 
+def read_folds(shard_dir: Path | str) -> dict[str, list[str]] | None:
+    """The dataset's folds.json ({fold: [image_id, ...]}, COCO 1K) if the shards carry one, else None."""
+    entry = read_index(shard_dir).get("folds")
+    return None if entry is None else _parse_folds(Path(shard_dir) / entry["file"])
+
+
 def verify(shard_dir: Path | str) -> None:
-    """Recompute every shard's sha256 and compare it with the index; raise naming the first bad shard."""
-    for split, kinds in read_index(shard_dir)["splits"].items():
-        for kind in KINDS:
-            for shard in kinds[kind]["shards"]:
-                path = Path(shard_dir) / shard["file"]
-                if not path.is_file():
-                    raise StageError(f"{path}: shard listed in {INDEX_FILE} is missing")
-                if file_sha256(path) != shard["sha256"]:
-                    raise StageError(f"{path}: sha256 differs from {INDEX_FILE} (corrupt or modified shard)")
+    """Recompute the sha256 of every shard (and of folds.json) and compare it with the index; raise
+    naming the first bad file."""
+    index = read_index(shard_dir)
+    checked = [(shard, "shard")
+               for kinds in index["splits"].values() for kind in KINDS for shard in kinds[kind]["shards"]]
+    if "folds" in index:
+        checked.append((index["folds"], "file"))
+    for entry, what in checked:
+        path = Path(shard_dir) / entry["file"]
+        if not path.is_file():
+            raise StageError(f"{path}: {what} listed in {INDEX_FILE} is missing")
+        if file_sha256(path) != entry["sha256"]:
+            raise StageError(f"{path}: sha256 differs from {INDEX_FILE} (corrupt or modified {what})")
 
 
-def _raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """Undecoded samples of `urls` in order: every shard, whatever the node or DataLoader worker."""
+def _raw_samples(urls: list[str], select_files: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """Undecoded samples of `urls` in order: every shard, whatever the node or DataLoader worker;
+    only the members whose name passes `select_files` (None = all) are read."""
     if not urls:
         return iter(())
-    return iter(wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False))
+    return iter(wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
+                               select_files=select_files))
 
 
-def _image_member(sample: dict[str, Any], prefix: str = "") -> bytes:
+def _is_json(name: str) -> bool:
+    return name.endswith(".json")
+
+
+def image_member(sample: dict[str, Any], prefix: str = "") -> bytes:
     names = [f"{prefix}{ext}" for ext in sorted(set(IMAGE_EXTENSIONS.values())) if f"{prefix}{ext}" in sample]
     if len(names) != 1:
         raise StageError(f"{sample.get('__url__')}: sample {sample['__key__']!r} has no single {prefix}png|jpg image")
@@ -207,11 +266,20 @@ def iter_gallery(shard_dir: Path | str, split: str) -> Iterator[tuple[str, str, 
     """(image_id, caption, image file bytes) of every gallery image of a split, in shard order."""
     for sample in _raw_samples(shard_paths(shard_dir, split, "gallery")):
         meta = json.loads(sample["json"])
-        yield meta["image_id"], meta["caption"], _image_member(sample)
+        yield meta["image_id"], meta["caption"], image_member(sample)
 
 
 def iter_queries(shard_dir: Path | str, split: str) -> Iterator[dict[str, Any]]:
     """Every query of a split, in shard order: query_id, reference_id, target_id, text, ref, tgt (bytes)."""
     for sample in _raw_samples(shard_paths(shard_dir, split, "queries")):
         meta = json.loads(sample["json"])
-        yield {**meta, "ref": _image_member(sample, "ref."), "tgt": _image_member(sample, "tgt.")}
+        yield {**meta, "ref": image_member(sample, "ref."), "tgt": image_member(sample, "tgt.")}
+
+
+def iter_captions(shard_dir: Path | str, split: str) -> Iterator[tuple[str, str, str]]:
+    """(caption_id, image_id, text) of every caption of every gallery image of a split, in shard
+    order (an image's captions in captions.parquet order). Image bytes are not read."""
+    for sample in _raw_samples(shard_paths(shard_dir, split, "gallery"), select_files=_is_json):
+        meta = json.loads(sample["json"])
+        for caption in sample_captions(meta):
+            yield caption["caption_id"], meta["image_id"], caption["text"]
