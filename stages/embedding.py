@@ -62,3 +62,17 @@ def embed_queries(model: nn.Module, tokenizer, shard_dir: Path, split: str, batc
                 features[mode].append(as_vector(outputs[mode]()).float().cpu())
         records += [{k: q[k] for k in ("query_id", "reference_id", "target_id", "text")} for q in chunk]
     return records, {mode: F.normalize(torch.cat(f), dim=1) for mode, f in features.items()}
+
+
+@torch.no_grad()
+def embed_captions(model: nn.Module, tokenizer, shard_dir: Path, split: str, batch_size: int, device: torch.device):
+    """(caption ids, their image ids, L2-normalised text features M x d on the CPU) of every caption of a split."""
+    caption_ids, image_ids, features = [], [], []
+    for chunk in batched(shards.iter_captions(shard_dir, split), batch_size):
+        tokens, lengths = tokenizer.batch([text for _, _, text in chunk])
+        with autocast(device):
+            features.append(model.encode_text(tokens.to(device), lengths.to(device)).float().cpu())
+        caption_ids += [caption_id for caption_id, _, _ in chunk]
+        image_ids += [image_id for _, image_id, _ in chunk]
+    return caption_ids, image_ids, F.normalize(torch.cat(features), dim=1)
+

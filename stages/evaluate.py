@@ -28,8 +28,11 @@ from typing_extensions import Annotated
 
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
-from stages.embedding import embed_gallery, embed_queries, load_for_embedding
-from stages.params import load, require, section
+from stages import shards
+from stages.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
+from stages.matching_metrics import coco_1k_folds, fold_rows, i2t_t2i
+from stages.params import load, read_task, require, section
+from stages.rerank import SIAM_FILE, gallery_maps, load_siam, rerank_t2i
 from stages.protocols import score
 from stages.retrieval import whm_over_recall_levels, whm_over_splits
 from stages.training import DeviceName, pick_device
@@ -54,6 +57,8 @@ class EvaluateConfig:
     batch_size: Annotated[int, Field(gt=0)]
     device: DeviceName
     rare_words_as_unknown_below: Annotated[int, Field(ge=0)]  # quirk (VAL FashionIQ/Shoes: 2); 0 = off
+    matching_ks: list[Annotated[int, Field(gt=0)]]           # task matching
+    rerank_k: Annotated[int, Field(ge=0)]                    # task matching with a SIAM; 0 = no re-ranking
     whm: WHMConfig
 
     def __post_init__(self):
@@ -131,6 +136,32 @@ def headline(metrics: dict, cfg: EvaluateConfig) -> str:
     return f"{protocol} {split}: mean {result['mean']:.1f} ({recalls}, averaged over categories)"
 
 
+def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateConfig, device, siam=None) -> dict:
+    """i2t (best of an image's captions) and t2i recall@K, medr, meanr, rsum over the whole split (COCO 5K,
+    Flickr30k 1K); with the shards' folds.json also the COCO 1K five-fold average of the folds in this split."""
+    image_ids, _, images = embed_gallery(model, shard_dir, split, cfg.batch_size, device)
+    caption_ids, caption_images, texts = embed_captions(model, tokenizer, shard_dir, split, cfg.batch_size, device)
+    row = {image_id: i for i, image_id in enumerate(image_ids)}
+    missing = [image_id for image_id in caption_images if image_id not in row]
+    if missing:
+        raise StageError(f"{shard_dir} split '{split}': captions of image {missing[0]!r}, which is not in the gallery")
+    text_image = torch.tensor([row[image_id] for image_id in caption_images])
+    result = {"all": i2t_t2i(images, texts, text_image, cfg.matching_ks),
+              "counts": {"images": len(image_ids), "captions": len(caption_ids)}}
+    folds = {name: ids for name, ids in (shards.read_folds(shard_dir) or {}).items() if ids and ids[0] in row}
+    if folds:
+        try:
+            folded = coco_1k_folds(images, texts, text_image, fold_rows(folds, image_ids), cfg.matching_ks)
+        except ValueError as err:
+            raise StageError(f"{shard_dir} split '{split}' folds: {err}") from None
+        result["folds_average"] = folded["average"]
+    if siam is not None and cfg.rerank_k:
+        maps = gallery_maps(model, shard_dir, split, cfg.batch_size, device)
+        result["siam_reranked"] = {"t2i": rerank_t2i(siam, maps.to(device), images.to(device), texts.to(device),
+                                                     text_image.to(device), cfg.rerank_k, cfg.matching_ks)}
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, nargs="+", required=True, help="one checkpoint, or several: an ensemble")
@@ -142,6 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     began = time.time()
     device = pick_device(cfg.device)
     models = [load_for_embedding(path, device) for path in args.model]
+    if read_task() == "matching":
+        if len(models) > 1:
+            raise StageError("evaluate: an ensemble is offered for composed retrieval only (task is matching)")
+        siam = load_siam(args.model[0].parent / SIAM_FILE, device)
+        metrics = {split: score_matching(*models[0], args.shards, split, cfg, device, siam) for split in cfg.splits}
+        write_json(args.out, metrics)
+        line = ", ".join(f"{s} rsum {metrics[s]['all']['rsum']:.1f}" for s in cfg.splits)
+        print(f"evaluate: matching {line} in {time.time() - began:.1f} s -> {args.out}")
+        return
     per_split = {split: score_split(models, args.shards, split, cfg, device) for split in cfg.splits}
     metrics = summarise(per_split, cfg)
     write_json(args.out, metrics)

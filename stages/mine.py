@@ -1,9 +1,12 @@
-"""Stage `mine`: offline hard-negative candidates for every training query.
+"""Stage `mine`: offline hard-negative candidates over the whole training split, from the pretrained model.
 
-Embeds the train queries (composed) and the train gallery with the pretrained model, then keeps
-for each query the `mine.k` most similar gallery images that are not its target.
+task composed: embeds the train queries (composed) and the train gallery, then keeps for each query the
+`mine.k` most similar gallery images that are not its target -> <out>/negatives.parquet.
+task matching (AOQ): embeds every train image and caption, then keeps for each image its `mine.aoq_i2t_k` most
+similar captions that are not its own and for each caption its `mine.aoq_t2i_k` most similar images other than
+its own -> <out>/candidates.npz.
 
-python -m stages.mine --model data/pretrain/model.pt --shards data/shards --out data/mined/negatives.parquet
+python -m stages.mine --model data/pretrain/model.pt --shards data/shards --out data/mined
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import torch
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages.atomic import atomic_path
+from stages.atomic import atomic_path, staged_dir
 from stages.cli import StageError, run_stage
-from stages.embedding import embed_gallery, embed_queries, load_for_embedding
-from stages.params import load, section
+from stages.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
+from stages.offline_candidates import mine_candidates, write_candidates
+from stages.params import load, read_task, section
 from stages.retrieval import chunked_topk
 from stages.training import DeviceName, pick_device
 
 PositiveInt = Annotated[int, Field(gt=0)]
+NEGATIVES_FILE, CANDIDATES_FILE = "negatives.parquet", "candidates.npz"
 NEGATIVES_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("rank", pa.int32()), ("candidate_id", pa.string()), ("score", pa.float32())]
 )
@@ -37,6 +42,8 @@ class MineConfig:
     gallery_chunk: PositiveInt
     batch_size: PositiveInt
     device: DeviceName
+    aoq_i2t_k: PositiveInt  # task matching: captions kept per image (AOQ: 2000)
+    aoq_t2i_k: PositiveInt  # task matching: images kept per caption (AOQ: 400)
 
 
 def mine(query_features: torch.Tensor, target_index: torch.Tensor, gallery_features: torch.Tensor,
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     began = time.time()
     device = pick_device(cfg.device)
     model, vocab = load_for_embedding(args.model, device)
+    if read_task() == "matching":
+        return mine_matching(model, vocab, args.shards, args.out, cfg, device, began)
     gallery_ids, _, gallery = embed_gallery(model, args.shards, "train", cfg.batch_size, device)
     records, features = embed_queries(model, vocab, args.shards, "train", cfg.batch_size, device)
     position = {image_id: i for i, image_id in enumerate(gallery_ids)}
@@ -89,12 +98,26 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"{args.shards}: train target {missing[0]!r} is not in the train gallery shards")
     targets = torch.tensor([position[r["target_id"]] for r in records])
     scores, indices = mine(features["composed"], targets, gallery, cfg)
-    with atomic_path(args.out) as tmp:
+    with staged_dir(args.out) as work, atomic_path(work / NEGATIVES_FILE) as tmp:
         pq.write_table(to_table([r["query_id"] for r in records], gallery_ids, scores, indices), tmp)
     seconds = time.time() - began
     n = len(records) * cfg.k
     print(f"mine: {n} candidates for {len(records)} queries over {len(gallery_ids)} images in {seconds:.1f} s "
-          f"({n / seconds:.0f} candidates/s) -> {args.out}")
+          f"({n / seconds:.0f} candidates/s) -> {args.out / NEGATIVES_FILE}")
+
+
+def mine_matching(model, tokenizer, shard_dir: Path, out: Path, cfg: MineConfig, device, began: float) -> None:
+    image_ids, _, images = embed_gallery(model, shard_dir, "train", cfg.batch_size, device)
+    caption_ids, caption_images, texts = embed_captions(model, tokenizer, shard_dir, "train", cfg.batch_size, device)
+    row = {image_id: i for i, image_id in enumerate(image_ids)}
+    text_image = torch.tensor([row[image_id] for image_id in caption_images])
+    i2t, t2i = mine_candidates(images, texts, text_image, cfg.aoq_i2t_k, cfg.aoq_t2i_k, cfg.query_chunk,
+                               cfg.gallery_chunk)
+    with staged_dir(out) as work:
+        write_candidates(work / CANDIDATES_FILE, i2t, t2i, image_ids, caption_ids)
+    print(f"mine: AOQ candidates, {cfg.aoq_i2t_k} captions for each of {len(image_ids)} images and "
+          f"{cfg.aoq_t2i_k} images for each of {len(caption_ids)} captions in {time.time() - began:.1f} s "
+          f"-> {out / CANDIDATES_FILE}")
 
 
 if __name__ == "__main__":

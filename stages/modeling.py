@@ -21,16 +21,18 @@ from typing_extensions import Annotated
 
 from models.amc import AMC, AMCTextEncoder
 from models.composeae import ComposeAE
+from models.dual_encoder import DualEncoder
 from models.encoders import LSTMTextEncoder, ResNetEncoder, SmallCNN, SmallCNNMaps
 from models.tirg import TIRG
 from models.tirg_lastconv import TIRGLastConv
 from models.tirg_lastconv import resnet_trunk as resnet_last_map
 from models.val import VAL, VALTextEncoder, level_map_sizes, resnet_levels
-from stages.params import parse, require, section
+from stages.params import PARAMS_FILE, ParamsError, parse, require, section
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
-ModelName = Literal["tirg", "tirg_lastconv", "composeae", "val", "amc"]
+ModelName = Literal["tirg", "tirg_lastconv", "composeae", "val", "amc", "dual_encoder"]
+MATCHING_MODELS = ("dual_encoder",)  # caption <-> image; the others compose a reference image with a text
 RESNET_DEPTH = {"resnet18": 18, "resnet50": 50}
 
 
@@ -85,6 +87,12 @@ class ModelConfig:
     composeae: ComposeAEConfig
     val: VALConfig
     amc: AMCConfig
+
+    def check_task(self, task: str) -> None:
+        """Raise a ParamsError naming model.name when the model cannot do `task`."""
+        if (task == "matching") != (self.name in MATCHING_MODELS):
+            kind = "image-text matching" if self.name in MATCHING_MODELS else "composed retrieval"
+            raise ParamsError(f"{PARAMS_FILE}: model.name: '{self.name}' is a {kind} model, task is '{task}'")
 
     def __post_init__(self):
         if self.name == "val":
@@ -164,6 +172,24 @@ class _LastMap(nn.Module):
         return self.trunk(images)[-1]
 
 
+class ConvMap(nn.Module):
+    """The spatial map of a vector encoder before it pools or flattens (SmallCNN's conv stages, ResNet's layer4):
+    SIAM's guide map. It shares the encoder's weights, so the encoder is held outside the module tree (it is
+    registered once, as the image tower)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self._encoder = [encoder]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        encoder = self._encoder[0]
+        if isinstance(encoder, SmallCNN):
+            return encoder.features(images)
+        net = encoder.backbone
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
 def _last_map_trunk(cfg: ModelConfig, weights) -> tuple[nn.Module, int]:
     if cfg.image.encoder == "small_cnn":
         trunk = SmallCNNMaps(cfg.image.channels, 1)
@@ -187,6 +213,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, image_size: int, load_weights
         trunk, channels = _last_map_trunk(cfg, weights)
         model = TIRGLastConv(trunk, nn.Linear(channels, d), _text_encoder(cfg, vocab_size, d), channels, d,
                              cfg.norm_scale)
+    elif cfg.name == "dual_encoder":
+        image_tower = _vector_encoder(cfg, image_size, weights)
+        model = DualEncoder(image_tower, _text_encoder(cfg, vocab_size, d), d, d, d, ConvMap(image_tower))
     elif cfg.name == "val":
         trunk, channels = _map_trunk(cfg, cfg.val.levels, weights)
         model = VAL(trunk, channels, _text_encoder(cfg, vocab_size, d), d, level_map_sizes(trunk, image_size),

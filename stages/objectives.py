@@ -7,6 +7,10 @@ loss.name
     val_matching   VAL's bidirectional semi-hard triplet, summed over levels (model val)
     amc            AMC's L_BBC (scale 10) + λ L_BSC over the expert layers (model amc)
 ComposeAE adds its reconstruction and rotational-symmetry terms to bbc / soft_triplet.
+Image-text matching (model dual_encoder):
+    nce            guided-image-retrieval's caption -> image NCE, other captions of the image masked, τ = nce_tau
+    info_nce       symmetric InfoNCE with the model's learned temperature
+    vse            VSE++ hinge with the hardest in-batch negative, both directions
 """
 from __future__ import annotations
 
@@ -23,18 +27,20 @@ from models.amc import AMC, amc_loss
 from models.composeae import ComposeAE
 from models.ga import adversarial_penalty, isotropic_gradient_noise
 from models.losses import batch_based_classification, soft_triplet
+from models.matching_losses import nce_loss, same_image_mask, symmetric_info_nce, vse_max_violation
 from models.val import VAL, val_loss
-from stages.modeling import ModelName, as_vector
+from stages.modeling import MATCHING_MODELS, ModelName, as_vector
 from stages.params import PARAMS_FILE, ParamsError, require, section
 from stages.training import autocast, to_device
 
 NonNegative = Annotated[float, Field(ge=0)]
-LOSS_OF_MODEL = {"val_matching": "val", "amc": "amc"}  # losses that need one model's internals
+LOSS_OF_MODEL = {"val_matching": "val", "amc": "amc",  # losses that need one model's internals
+                 "nce": "dual_encoder", "info_nce": "dual_encoder", "vse": "dual_encoder"}
 
 
 @section
 class LossConfig:
-    name: Literal["bbc", "soft_triplet", "val_matching", "amc"]
+    name: Literal["bbc", "soft_triplet", "val_matching", "amc", "nce", "info_nce", "vse"]
     soft_triplet_half_gradient: bool   # quirk: google/tirg's hand-written backward halves the gradient
     ga_mse_weight: NonNegative         # quirk: the GA repo adds w·mean((q̂ - t̂)²) to bbc/soft_triplet (0.001)
     composeae_weights: list[NonNegative]  # (L_base, L_RI, L_RT, L_RS)
@@ -42,6 +48,13 @@ class LossConfig:
     val_semi_hard_mode: Literal["row", "as_released"]  # as_released: TF broadcasting compares d_ij to d⁺_j
     amc_scale: Annotated[float, Field(gt=0)]  # the fixed BBC temperature
     amc_sim_weight: NonNegative               # λ of L_BSC
+    nce_tau: Annotated[float, Field(gt=0)]    # matching nce (the release: 1)
+    vse_margin: NonNegative
+    aoq_variant: Literal["triplet", "quintuplet", "adaptive_quintuplet"]  # OffTri | OffQuin | AdapOffQuin
+    aoq_margin_online: NonNegative
+    aoq_margin_offline: NonNegative
+    aoq_alpha: Annotated[float, Field(gt=0)]
+    aoq_beta: float
 
     def __post_init__(self):
         require(len(self.composeae_weights) == 4, "composeae_weights", "needs 4 weights (base, RI, RT, RS)")
@@ -49,6 +62,9 @@ class LossConfig:
     def check_model(self, model_name: ModelName, batch_size: int, loop_section: str) -> None:
         """Raise a ParamsError naming the keys when this loss cannot train this model or batch size."""
         needs = LOSS_OF_MODEL.get(self.name)
+        if needs is None and model_name in MATCHING_MODELS:
+            raise ParamsError(f"{PARAMS_FILE}: loss.name: '{self.name}' trains composed-retrieval models, "
+                              f"model.name is '{model_name}' (use nce, info_nce or vse)")
         if needs is not None and needs != model_name:
             raise ParamsError(f"{PARAMS_FILE}: loss.name: '{self.name}' trains the {needs} model only, "
                               f"model.name is '{model_name}'")
@@ -140,6 +156,27 @@ def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, dev
     if hasattr(model, "normalize") and isinstance(getattr(model.normalize, "scale", None), nn.Parameter):
         logs["scale"] = model.normalize.scale.item()
     return loss, model.normalize(as_vector(query)), model.normalize(as_vector(target)), logs
+
+
+def matching_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, device: torch.device):
+    """(loss, logs) of one batch of (image, caption) pairs; pairs of one image are not each other's negatives."""
+    tokens, lengths = tokenizer.batch(batch["text"])
+    ids = {image_id: i for i, image_id in enumerate(dict.fromkeys(batch["image_id"]))}
+    image_ids = torch.tensor([ids[i] for i in batch["image_id"]], device=device)
+    with autocast(device):
+        v = model.encode_image(to_device(batch["image"], device)).float()
+        u = model.encode_text(tokens.to(device), lengths.to(device)).float()
+    if cfg.name == "nce":
+        return nce_loss(v, u, image_ids, cfg.nce_tau), {}
+    if cfg.name == "info_nce":
+        return symmetric_info_nce(v, u, image_ids, model.logit_scale), {"temperature": model.logit_scale.exp().item() ** -1}
+    return vse_max_violation(v @ u.T, cfg.vse_margin, same_image_mask(image_ids)), {}
+
+
+def check_ga_task(ga: GAConfig, task: str) -> None:
+    if ga.adversarial and task != "composed":
+        raise ParamsError(f"{PARAMS_FILE}: ga.adversarial: perturbs the reference image of composed retrieval; "
+                          f"task is '{task}' (ga.isotropic works for any task)")
 
 
 def with_ga(loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], ga: GAConfig):

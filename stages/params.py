@@ -81,3 +81,15 @@ def load(cls: type[T], name: str, path: Path | str = PARAMS_FILE) -> T:
     if name not in raw:
         raise ParamsError(f"{path}: missing section '{name}'")
     return parse(cls, name, raw[name], path)
+
+
+TASKS = ("composed", "matching")
+
+
+def read_task(path: Path | str = PARAMS_FILE) -> str:
+    """The top-level `task`: composed (reference image + text -> image) or matching (caption <-> image)."""
+    task = read_yaml(Path(path)).get("task")
+    if task not in TASKS:
+        raise ParamsError(f"{path}: task: must be one of {', '.join(TASKS)}, got {task!r}")
+    return task
+

@@ -1,14 +1,18 @@
 """Stage `train`: the final model, fine-tuned from the pretrained one.
 
-With `train.offline_negatives` the loss adds a hinge against hard negatives drawn from the mined
-candidates of each query (`stages.mine`), on top of the in-batch metric loss.
+task composed: with `train.offline_negatives` the loss adds a hinge against hard negatives drawn from the
+mined candidates of each query (`stages.mine`), on top of the in-batch metric loss.
+task matching: with `train.offline_negatives` the loss is AOQ's (offline quintuplet + adaptive online terms,
+`loss.aoq_*`) on the mined candidate lists; without, `loss.name` on the in-batch negatives.
 
 python -m stages.train --init data/pretrain/model.pt --shards data/shards \
-    --negatives data/mined/negatives.parquet --out data/train
+    --mined data/mined --out data/train
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -19,11 +23,14 @@ from models.losses import offline_negative_hinge
 from stages import shards
 from stages.atomic import staged_dir, write_json
 from stages.cli import StageError, run_stage
-from stages.loaders import decode_image, training_batches
-from stages.mine import read_negatives
+from stages.loaders import decode_image, matching_batches, training_batches
+from stages.aoq import AOQNegatives, aoq_batch_loss
+from stages.rerank import SIAM_FILE, build_siam, save_siam, siam_step
+from stages.mine import CANDIDATES_FILE, NEGATIVES_FILE, read_negatives
 from stages.modeling import as_vector, load_model, save_model
-from stages.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
-from stages.params import load, section
+from stages.objectives import (GAConfig, LossConfig, check_ga_task, isotropic_noise, matching_loss, training_loss,
+                               with_ga)
+from stages.params import load, read_task, section
 from stages.text import tokenizer_from_state
 from stages.training import (LoopConfig, autocast, file_digest, fingerprint, fit, pick_device, place_model,
                              seed_everything, to_device)
@@ -35,6 +42,9 @@ class TrainConfig(LoopConfig):
     negatives_per_query: Annotated[int, Field(gt=0)]
     margin: Annotated[float, Field(ge=0)]
     negatives_weight: Annotated[float, Field(ge=0)]
+    aoq_candidate_range: Annotated[int, Field(gt=0)]
+    siam_steps: Annotated[int, Field(ge=0)]
+    siam_lr: Annotated[float, Field(gt=0)]
 
 
 class NegativeSampler:
@@ -60,21 +70,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", type=Path, required=True, help="pretrained checkpoint")
     parser.add_argument("--shards", type=Path, required=True)
-    parser.add_argument("--negatives", type=Path, required=True, help="mined candidates (Parquet)")
+    parser.add_argument("--mined", type=Path, required=True, help="the `mine` stage's folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
     args = parser.parse_args(argv)
-    cfg, loss_cfg, ga = load(TrainConfig, "train"), load(LossConfig, "loss"), load(GAConfig, "ga")
+    cfg, loss_cfg, ga, task = load(TrainConfig, "train"), load(LossConfig, "loss"), load(GAConfig, "ga"), read_task()
+    check_ga_task(ga, task)
 
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model, model_cfg, text_state, image_size = load_model(args.init)
+    model_cfg.check_task(task)
     loss_cfg.check_model(model_cfg.name, cfg.batch_size, "train")
     model, tokenizer = place_model(model, device), tokenizer_from_state(text_state)
+    mined = args.mined / (CANDIDATES_FILE if task == "matching" else NEGATIVES_FILE)
+    if task == "matching":
+        return train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device)
     sampler = None
     if cfg.offline_negatives:
         images = {image_id: data for image_id, _, data in shards.iter_gallery(args.shards, "train")}
-        sampler = NegativeSampler(read_negatives(args.negatives), images, cfg.negatives_per_query, cfg.seed)
+        sampler = NegativeSampler(read_negatives(mined), images, cfg.negatives_per_query, cfg.seed)
 
     def step(model, batch):
         loss, q, t, logs = training_loss(model, loss_cfg, tokenizer, batch, device)
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             logs["negatives_hinge"] = hinge.item()
         return loss, logs
 
-    key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), file_digest(args.negatives), file_digest(args.shards / "index.json"))
+    key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined), file_digest(args.shards / "index.json"))
     with staged_dir(args.out, resume_key=key) as work:
         batches = training_batches(args.shards, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers)
         summary = fit(model, batches, with_ga(step, ga), cfg, work, "train", isotropic_noise(ga, cfg.seed))
@@ -99,6 +114,50 @@ def main(argv: list[str] | None = None) -> None:
     negatives = f"{cfg.negatives_per_query} mined negatives/query" if sampler else "no mined negatives"
     print(f"train: {summary['steps']} steps in {summary['seconds']} s ({summary['steps_per_s']} steps/s) "
           f"on {device}, {negatives} -> {args.out / 'model.pt'}")
+
+
+def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device):
+    negatives = AOQNegatives(mined, args.shards, cfg.aoq_candidate_range, cfg.seed) if cfg.offline_negatives else None
+
+    def step(model, batch):
+        if negatives is not None:
+            return aoq_batch_loss(model, negatives, loss_cfg, tokenizer, batch, device)
+        return matching_loss(model, loss_cfg, tokenizer, batch, device)
+
+    key = fingerprint("matching", cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined),
+                      file_digest(args.shards / "index.json"))
+    with staged_dir(args.out, resume_key=key) as work:
+        if (work / "model.pt").is_file():  # a crash during SIAM training: the dual encoder is done
+            model.load_state_dict(torch.load(work / "model.pt", map_location=device, weights_only=False)["model"])
+            summary = json.loads((work / "summary.json").read_text())
+        else:
+            batches = matching_batches(args.shards, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers)
+            summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed))
+            write_json(work / "summary.json", summary)
+            save_model(work / "model.pt", model, model_cfg, text_state, image_size)
+        if cfg.siam_steps:
+            summary["siam_seconds"] = train_siam(model, tokenizer, image_size, cfg, loss_cfg, args.shards, work, device)
+        if args.metrics:
+            write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda")})
+    loss = f"AOQ {loss_cfg.aoq_variant} (offline range {cfg.aoq_candidate_range})" if negatives else loss_cfg.name
+    siam = f", SIAM {cfg.siam_steps} steps" if cfg.siam_steps else ""
+    print(f"train: matching, {loss}, {summary['steps']} steps in {summary['seconds']} s "
+          f"({summary['steps_per_s']} steps/s) on {device}{siam} -> {args.out / 'model.pt'}")
+
+
+def train_siam(model, tokenizer, image_size: int, cfg: TrainConfig, loss_cfg, shard_dir: Path, work: Path,
+               device) -> float:
+    """SIAM on the frozen dual encoder (the release's optimiser: Adam, weight decay 1e-4) -> work/siam.pt."""
+    model.requires_grad_(False).eval()
+    siam = build_siam(model, image_size, device)
+    siam_cfg = dataclasses.replace(cfg, steps=cfg.siam_steps, lr=cfg.siam_lr, optimizer="adam", weight_decay=1e-4,
+                                   lr_decay_every=0, ema_decay=0.0, ema_as_released_every=0)
+    batches = matching_batches(shard_dir, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed + 1, cfg.workers)
+    (work / "siam").mkdir(exist_ok=True)
+    summary = fit(siam, batches, lambda s, b: siam_step(model, s, tokenizer, loss_cfg.nce_tau, b, device), siam_cfg,
+                  work / "siam", "siam")
+    save_siam(work / SIAM_FILE, siam.cpu())
+    return summary["seconds"]
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class VocabularyConfig:
     tokenizer: Literal["tirg", "nltk"]
     glove_path: Optional[str]  # a local GloVe .txt or .zip; null = no word vectors
     glove_dim: Annotated[int, Field(gt=0)]
-    split: str  # the split whose query texts make the vocabulary (the training split)
+    split: str  # the split whose texts make the vocabulary (the training split)
+    texts: Literal["queries", "captions"]  # modification texts (composed) or image captions (matching)
 
 
 def build(shard_dir: Path | str, out: Path | str, cfg: VocabularyConfig) -> dict[str, Any]:
@@ -51,9 +52,12 @@ def build(shard_dir: Path | str, out: Path | str, cfg: VocabularyConfig) -> dict
             raise StageError(f"vocabulary.glove_path: {glove} does not exist (GloVe is never downloaded; "
                              f"put the file there or set vocabulary.glove_path: null)")
     shards.read_index(shard_dir)
-    train_texts = [query["text"] for query in shards.iter_queries(shard_dir, cfg.split)]
+    if cfg.texts == "queries":
+        train_texts = [query["text"] for query in shards.iter_queries(shard_dir, cfg.split)]
+    else:
+        train_texts = [text for _, _, text in shards.iter_captions(shard_dir, cfg.split)]
     if not train_texts:
-        raise StageError(f"{shard_dir}: split {cfg.split!r} has no queries to build a vocabulary from")
+        raise StageError(f"{shard_dir}: split {cfg.split!r} has no {cfg.texts} to build a vocabulary from")
     vocab = Vocab.build(train_texts, cfg.tokenizer)
     summary: dict[str, Any] = {"size": len(vocab), "texts": len(train_texts), "split": cfg.split}
     with staged_dir(out) as work:

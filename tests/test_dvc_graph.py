@@ -5,8 +5,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"prepare": ["dataset", "download"], "resize": ["resize"], "shard": ["shard"], "vocabulary": ["vocabulary"],
-            "pretrain": ["model", "loss", "pretrain", "ga"],
-            "mine": ["mine"], "train": ["loss", "train", "ga"], "evaluate": ["evaluate"]}
+            "pretrain": ["task", "model", "loss", "pretrain", "ga"],
+            "mine": ["task", "mine"], "train": ["task", "loss", "train", "ga"], "evaluate": ["task", "evaluate"]}
 
 
 def leaves(prefix, node):

@@ -1,0 +1,93 @@
+"""SIAM re-ranking of the dual encoder's caption -> image results (guided image retrieval, spec §4.3).
+
+`train` (task matching, `train.siam_steps` > 0) fits SIAM on the frozen dual encoder: for each (image, caption)
+pair, SIAM's text-guided image feature of the image against the DE text features of the batch, with the same NCE.
+`evaluate` then re-scores each caption's DE top-`evaluate.rerank_k` images with SIAM and reports t2i recall
+before and after. SIAM's image feature depends on the query text, so it cannot be indexed: it only re-ranks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.matching_losses import nce_loss
+from models.siam import SIAM, map_regions
+from stages.retrieval import chunked_topk
+from stages.training import autocast, to_device
+
+SIAM_FILE = "siam.pt"
+
+
+def build_siam(model: nn.Module, image_size: int, device: torch.device) -> SIAM:
+    """A SIAM sized by the model's guide map (one dummy forward)."""
+    with torch.no_grad():
+        channels, h, w = model.image_map(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:]
+    return SIAM(channels, channels, (h, w), model.dim).to(device)
+
+
+def siam_step(model: nn.Module, siam: SIAM, tokenizer, tau: float, batch: dict, device: torch.device):
+    """(NCE of SIAM image features against the frozen DE text features, logs)."""
+    tokens, lengths = tokenizer.batch(batch["text"])
+    ids = {image_id: i for i, image_id in enumerate(dict.fromkeys(batch["image_id"]))}
+    image_ids = torch.tensor([ids[i] for i in batch["image_id"]], device=device)
+    with torch.no_grad(), autocast(device):
+        maps = model.image_map(to_device(batch["image"], device)).float()
+        text = model.encode_text(tokens.to(device), lengths.to(device)).float()
+    return nce_loss(siam(map_regions(maps), maps, text), text, image_ids, tau), {}
+
+
+def save_siam(path: Path, siam: SIAM) -> None:
+    from stages.training import save_checkpoint
+
+    h, w = siam.alpha_linear.out_features, siam.beta_linear.out_features
+    save_checkpoint(path, siam, {"region_dim": siam.roi_linear.in_features, "channels": siam.gamma_linear.out_features,
+                                 "map_size": (h, w), "dim": siam.roi_linear.out_features})
+
+
+def load_siam(path: Path, device: torch.device) -> SIAM | None:
+    """The SIAM saved beside a checkpoint, or None when it was trained without one."""
+    if not Path(path).is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    siam = SIAM(state["region_dim"], state["channels"], tuple(state["map_size"]), state["dim"])
+    siam.load_state_dict(state["model"])
+    return siam.to(device).eval()
+
+
+@torch.no_grad()
+def gallery_maps(model: nn.Module, shard_dir: Path, split: str, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The guide maps of a split's gallery images, in shard order (N × C × h × w, on the CPU)."""
+    from stages import shards
+    from stages.loaders import batched, decode_image
+
+    maps = []
+    for chunk in batched(shards.iter_gallery(shard_dir, split), batch_size):
+        images = to_device(torch.stack([decode_image(data) for _, _, data in chunk]), device)
+        with autocast(device):
+            maps.append(model.image_map(images).float().cpu())
+    return torch.cat(maps)
+
+
+@torch.no_grad()
+def rerank_t2i(siam: SIAM, maps: torch.Tensor, images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor,
+               k: int, ks: list[int], query_chunk: int = 64) -> dict[str, float]:
+    """t2i recall@K (percent) after re-scoring each caption's DE top-k images with SIAM.
+
+    maps: N × C × h × w guide maps of the gallery; images / texts: L2-normalised DE features (N × d, M × d);
+    text_image: the gallery row of each caption. A caption whose image is outside its top-k stays a miss.
+    """
+    if max(ks) > k:
+        raise ValueError(f"evaluate.rerank_k: {k} re-ranked candidates cannot give recall@{max(ks)}")
+    _, candidates = chunked_topk(texts, images, k)
+    hits = torch.empty(texts.shape[0], dtype=torch.long)
+    for q0 in range(0, texts.shape[0], query_chunk):
+        rows = candidates[q0: q0 + query_chunk]                                   # Bq × k
+        candidate_maps = maps[rows.flatten()]                                     # Bq·k × C × h × w
+        text = texts[q0: q0 + query_chunk].repeat_interleave(k, dim=0)            # Bq·k × d
+        scores = (siam(map_regions(candidate_maps), candidate_maps, text) * text).sum(-1).view(-1, k)  # cosine
+        order = rows.gather(1, scores.argsort(dim=1, descending=True))
+        found = order == text_image[q0: q0 + query_chunk, None]
+        hits[q0: q0 + rows.shape[0]] = torch.where(found.any(1), found.float().argmax(1), torch.full_like(rows[:, 0], k))
+    return {f"r{kk}": round(100 * float((hits < kk).float().mean()), 2) for kk in ks}

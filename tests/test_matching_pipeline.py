@@ -1,0 +1,68 @@
+"""task: matching through the real `dvc repro` on the shapes captions: a dual encoder pretrained with one loss,
+AOQ candidates mined in both directions, fine-tuned with the AOQ loss, scored i2t / t2i."""
+import json
+
+import pytest
+import yaml
+
+from tiny_repo import make_tiny_repo, run
+
+MATCHING = {
+    "task": "matching",
+    "vocabulary": {"texts": "captions"},
+    "model": {"name": "dual_encoder"},
+    "loss": {"name": "vse"},
+    "mine": {"aoq_i2t_k": 20, "aoq_t2i_k": 10},
+    "train": {"aoq_candidate_range": 5, "siam_steps": 3},
+}
+
+
+def switch_to_matching(repo, **loss) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in MATCHING.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    params["loss"].update(loss)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def matching_repo(tmp_path_factory):
+    repo = make_tiny_repo(tmp_path_factory.mktemp("matching"))
+    switch_to_matching(repo)
+    return repo, run(["dvc", "repro"], repo)
+
+
+def test_matching_runs_every_stage_and_scores_both_directions(matching_repo):
+    repo, result = matching_repo
+    assert "AOQ candidates" in result.stdout and "AOQ adaptive_quintuplet" in result.stdout
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    for split in ("test", "novel"):
+        scores = metrics[split]["all"]
+        for direction in ("i2t", "t2i"):
+            assert set(scores[direction]) == {"r1", "r5", "r10", "medr", "meanr"}
+            assert 0 <= scores[direction]["r1"] <= scores[direction]["r5"] <= scores[direction]["r10"] <= 100
+        assert scores["rsum"] == pytest.approx(sum(scores[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)),
+                                               abs=0.05)
+        assert metrics[split]["counts"]["images"] == metrics[split]["counts"]["captions"]  # shapes: one caption each
+        reranked = metrics[split]["siam_reranked"]["t2i"]
+        assert set(reranked) == {"r1", "r5", "r10"} and reranked["r10"] <= 100
+    assert "SIAM 3 steps" in result.stdout and (repo / "data/train/siam.pt").is_file()
+    vocab = json.loads((repo / "data/vocab/vocab.json").read_text())
+    assert vocab["texts"] > 0 and "circle" in vocab["words"]  # built from the image captions
+
+
+def test_a_composed_model_is_refused_for_matching(matching_repo):
+    repo, _ = matching_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"]["name"] = "tirg"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "stages.pretrain", "--shards", "data/shards", "--vocab", "data/vocab",
+                             "--out", "data/pretrain"], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "model.name: 'tirg' is a composed retrieval model, task is 'matching'" in result.stderr
