@@ -1,11 +1,12 @@
 """The results table of a sweep, read from `dvc exp show`, as Markdown (optionally written into README.md).
 
-    python -m pipelines.report --csv sweeps/shapes_models.csv [--readme README.md] [--root .]
+    python -m pipelines.report --csv sweeps/shapes_models.csv [--readme README.md] [--marker NAME] [--root .]
 
 The CSV (written by the `sweep` flow) only names the experiments and their labels; every number comes from
 `dvc exp show --json`: params.yaml values, metrics/evaluate.json (recall of the composed query under the
-first protocol) and metrics/{pretrain,train}.json (training seconds). In README.md the table replaces the
-text between `<!-- sweep-table:begin -->` and `<!-- sweep-table:end -->`.
+first protocol; for task matching i2t / t2i recall and rsum) and metrics/{pretrain,train}.json (training
+seconds). In README.md the table replaces the text between `<!-- sweep-table:begin -->` and
+`<!-- sweep-table:end -->` (with --marker NAME: `<!-- sweep-table:NAME:begin -->` ... `:end -->`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,33 @@ def experiments(root: Path, names: set[str]) -> dict[str, dict[str, object]]:
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    """Markdown: one line per experiment, recall@1/10/50 on test and novel, WHM, training seconds."""
+    """Markdown, one line per experiment: the composed-retrieval or the matching table by the rows' `task`."""
+    if rows and rows[0].get("params.task") == "matching":
+        return matching_table(rows)
+    return composed_table(rows)
+
+
+def matching_table(rows: list[dict[str, object]]) -> str:
+    """i2t / t2i R@1 and rsum on test and novel, SIAM-re-ranked t2i R@1, training seconds."""
+    header = ("| method | test i2t R@1 | test t2i R@1 | test rsum | novel rsum | test t2i R@1 after SIAM "
+              "| train s |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        loss = str(row["params.loss.name"])
+        method = "VSE" if loss == "vse" else f"DE {loss.upper()}"
+        method += " + AOQ" if row.get("params.train.offline_negatives") else ""
+        method += " + SIAM" if row.get("params.train.siam_steps") else ""
+        seconds = sum(float(row.get(key, 0)) for key in ("pretrain.seconds", "train.seconds", "train.siam_seconds"))
+        cells = [method, _fmt(row.get("evaluate.test.all.i2t.r1")), _fmt(row.get("evaluate.test.all.t2i.r1")),
+                 _fmt(row.get("evaluate.test.all.rsum")), _fmt(row.get("evaluate.novel.all.rsum")),
+                 _fmt(row.get("evaluate.test.siam_reranked.t2i.r1")) if row.get("params.train.siam_steps") else "—",
+                 f"{seconds:.0f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def composed_table(rows: list[dict[str, object]]) -> str:
+    """Recall@1/10/50 on test and novel, WHM, training seconds."""
     header = ("| model | GA | test R@1 | test R@10 | test R@50 | novel R@1 | novel R@10 | novel R@50 "
               "| WHM R@1 | WHM R@10 | train s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -54,9 +81,14 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{float(value):.1f}"
 
 
-def write_into_readme(readme: Path, markdown: str) -> None:
+def markers(name: str | None) -> tuple[str, str]:
+    return (BEGIN, END) if not name else (f"<!-- sweep-table:{name}:begin -->", f"<!-- sweep-table:{name}:end -->")
+
+
+def write_into_readme(readme: Path, markdown: str, marker: str | None = None) -> None:
     from stages.atomic import atomic_path
 
+    BEGIN, END = markers(marker)  # noqa: N806  (shadows the module defaults on purpose)
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{readme}: needs the markers {BEGIN} and {END} around the table")
@@ -70,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", type=Path, required=True, help="the sweep's CSV (experiment names)")
     parser.add_argument("--readme", type=Path, help="write the table into this file between the markers")
+    parser.add_argument("--marker", help="the README markers' name (default: the unnamed pair)")
     parser.add_argument("--root", type=Path, default=Path("."))
     args = parser.parse_args(argv)
     with open(args.csv, newline="") as f:
@@ -81,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = table([found[row["experiment"]] for row in sweep_rows])
     print(markdown)
     if args.readme:
-        write_into_readme(args.readme, markdown)
+        write_into_readme(args.readme, markdown, args.marker)
 
 
 if __name__ == "__main__":

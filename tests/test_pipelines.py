@@ -115,6 +115,17 @@ def test_report_tables_the_sweep_from_dvc_exp_show(tiny, tmp_path, capsys):
     assert readme.read_text().endswith("tail\n") and "old" not in readme.read_text()
 
 
+def test_matching_rows_get_the_matching_table():
+    row = {"params.task": "matching", "params.loss.name": "nce", "params.train.offline_negatives": False,
+           "params.train.siam_steps": 100, "evaluate.test.all.i2t.r1": 12.34, "evaluate.test.all.t2i.r1": 9.0,
+           "evaluate.test.all.rsum": 150.0, "evaluate.novel.all.rsum": 120.0,
+           "evaluate.test.siam_reranked.t2i.r1": 11.0, "pretrain.seconds": 10, "train.seconds": 5,
+           "train.siam_seconds": 2.4}
+    lines = report.table([row]).splitlines()
+    assert lines[0].startswith("| method | test i2t R@1")
+    assert lines[2] == "| DE NCE + SIAM | 12.3 | 9.0 | 150.0 | 120.0 | 11.0 | 17 |"
+
+
 def test_named_options_change_params_together(tmp_path):
     (tmp_path / "grid.yaml").write_text(
         "model:\n  tirg: {model.name: tirg, loss.name: bbc}\n  val: {model.name: val, loss.name: val_matching}\n"
