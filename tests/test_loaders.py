@@ -70,3 +70,26 @@ def test_embeddings_follow_shard_order_and_are_normalised(data):
     # image_only is the reference's own image feature: identical to that image's gallery row
     row = ids.index(records[0]["reference_id"])
     assert torch.allclose(features["image_only"][0], gallery[row], atol=1e-5)
+
+
+def test_an_ensemble_ranks_by_the_mean_of_its_models_cosines(data):
+    import yaml
+
+    from stages.evaluate import EvaluateConfig, embed_split
+    from tiny_repo import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    cfg = parse(EvaluateConfig, "evaluate", {**params["evaluate"], "batch_size": 7})
+    vocab = Vocab.build(["add a red circle"])
+    models = []
+    for seed, name in ((0, "tirg"), (1, "amc")):
+        torch.manual_seed(seed)
+        model_cfg = parse(ModelConfig, "model", model_params(
+            name=name, embed_dim=16, text={"embed_dim": 8, "hidden_dim": 8},
+            image={"encoder": "small_cnn", "weights": None, "channels": [8, 8]}))
+        models.append((build_model(model_cfg, len(vocab), 24).eval(), vocab))
+    singles = [embed_split([m], data / "shards", "test", cfg, torch.device("cpu")) for m in models]
+    ids, _, gallery, _, queries = embed_split(models, data / "shards", "test", cfg, torch.device("cpu"))
+    assert ids == singles[0][0]
+    mean_cosine = sum(s[4]["composed"] @ s[2].T for s in singles) / 2
+    assert torch.allclose(queries["composed"] @ gallery.T, mean_cosine, atol=1e-5)
