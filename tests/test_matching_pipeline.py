@@ -51,7 +51,10 @@ def test_matching_runs_every_stage_and_scores_both_directions(matching_repo):
         assert set(reranked) == {"r1", "r5", "r10"} and reranked["r10"] <= 100
     assert "SIAM 3 steps" in result.stdout and (repo / "data/train/siam.pt").is_file()
     vocab = json.loads((repo / "data/vocab/vocab.json").read_text())
-    assert vocab["texts"] > 0 and "circle" in vocab["words"]  # built from the image captions
+    index = json.loads((repo / "data/shards/index.json").read_text())
+    train_images, train_queries = (index["splits"]["train"][kind]["count"] for kind in ("gallery", "queries"))
+    assert train_images != train_queries
+    assert vocab["texts"] == train_images  # built from the image captions (one per shapes image), not the queries
 
 
 def test_a_composed_model_is_refused_for_matching(matching_repo):

@@ -50,7 +50,7 @@ def test_mining_matches_brute_force_and_never_returns_the_target(tmp_path):
     g = torch.Generator().manual_seed(1)
     queries, gallery = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
     targets = torch.randint(0, 30, (40,), generator=g)
-    cfg = MineConfig(k=5, query_chunk=6, gallery_chunk=7, batch_size=8, device="cpu")
+    cfg = MineConfig(k=5, query_chunk=6, gallery_chunk=7, batch_size=8, device="cpu", aoq_i2t_k=1, aoq_t2i_k=1)
     scores, indices = mine(queries, targets, gallery, cfg)
     for row in range(40):
         sims = queries[row] @ gallery.T

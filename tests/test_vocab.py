@@ -122,7 +122,7 @@ def test_words_must_be_distinct():
 
 TRAIN = ["It's shorter, and red.", "is red and has sleeves", "Café-style, blue"]
 TEST = ["has polka dots"]
-PARAMS = {"tokenizer": "tirg", "glove_path": None, "glove_dim": 4, "split": "train"}
+PARAMS = {"tokenizer": "tirg", "glove_path": None, "glove_dim": 4, "split": "train", "texts": "queries"}
 
 
 def png(shade: int) -> bytes:
@@ -246,5 +246,5 @@ def test_params_section_is_checked(tmp_path):
         vocabulary(tmp_path, tmp_path / "out", write_params(tmp_path, glove_dim=0))
     with pytest.raises(ParamsError, match="vocabulary.min_count: unknown key"):
         vocabulary(tmp_path, tmp_path / "out", write_params(tmp_path, min_count=2))
-    cfg = VocabularyConfig(tokenizer="nltk", glove_path=None, glove_dim=300, split="train")
+    cfg = VocabularyConfig(tokenizer="nltk", glove_path=None, glove_dim=300, split="train", texts="queries")
     assert cfg.glove_dim == 300
