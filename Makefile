@@ -22,7 +22,10 @@ test: setup
 	pytest
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	python benchmarks/bench_data.py
+	python benchmarks/bench_topk.py
+	python benchmarks/bench_ga.py
 
 clean-venv:
 	rm -rf $(VENV)

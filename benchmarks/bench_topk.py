@@ -1,0 +1,106 @@
+"""Top-K over query x gallery similarities (`mine`, `evaluate`): our chunked matmul + running topk against what
+a user would otherwise run, in one sitting, each side in its own process (so peak memory is its own).
+
+    python benchmarks/bench_topk.py [--n 50000] [--dim 512] [--k 50] [--naive-n 10000]
+
+Sides: `chunked` (stages.retrieval.chunked_topk, the pipeline's code path), `naive` (full Q x G matrix, then a
+per-row argsort, as research code does; at --naive-n because the full matrix is N² floats), scikit-learn
+`NearestNeighbors(algorithm="brute", metric="cosine")`, and faiss-cpu `IndexFlatIP` (pip install -e '.[bench]').
+The machine's own matmul rate is measured first in the same script; GFLOP/s of a side = 2·Q·G·d / seconds.
+Vectors are random unit vectors (cosine = inner product); all sides must return the same neighbours.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import numpy as np
+import torch
+
+
+def vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def matmul_gflops(dim: int, seconds: float = 3.0) -> float:
+    """The machine's float32 matmul rate on blocks the size chunked_topk uses."""
+    a, b = torch.randn(1024, dim), torch.randn(dim, 8192)
+    a @ b
+    began, flops = time.perf_counter(), 0
+    while time.perf_counter() - began < seconds:
+        a @ b
+        flops += 2 * 1024 * dim * 8192
+    return flops / (time.perf_counter() - began) / 1e9
+
+
+def run_chunked(q, g, k):
+    from stages.retrieval import chunked_topk
+
+    return chunked_topk(torch.from_numpy(q), torch.from_numpy(g), k)[1].numpy()
+
+
+def run_naive(q, g, k):
+    sims = torch.from_numpy(q) @ torch.from_numpy(g).T
+    return torch.argsort(sims, dim=1, descending=True)[:, :k].numpy()
+
+
+def run_sklearn(q, g, k):
+    from sklearn.neighbors import NearestNeighbors
+
+    return NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(g).kneighbors(q)[1]
+
+
+def run_faiss(q, g, k):
+    import faiss
+
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(g)
+    return index.search(q, k)[1]
+
+
+SIDES = {"chunked": run_chunked, "naive": run_naive, "sklearn": run_sklearn, "faiss": run_faiss}
+
+
+def measure(side: str, n: int, dim: int, k: int, out: mp.Queue) -> None:
+    q, g = vectors(n, dim, 1), vectors(n, dim, 2)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    began = time.perf_counter()
+    neighbours = SIDES[side](q, g, k)
+    seconds = time.perf_counter() - began
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    out.put((side, n, seconds, peak_mb, np.asarray(neighbours[:200], dtype=np.int64)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=50000, help="queries = gallery size")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--naive-n", type=int, default=10000, help="size for the full-matrix side")
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    args = parser.parse_args()
+    rate = matmul_gflops(args.dim)
+    print(f"{torch.get_num_threads()} threads; matmul rate {rate:.1f} GFLOP/s; d={args.dim}, k={args.k}")
+    print(f"{'side':<9}{'N':>7}{'seconds':>9}{'GFLOP/s':>9}{'% matmul':>10}{'peak MB':>9}{'same top-k':>12}")
+    ctx = mp.get_context("spawn")
+    reference = {}
+    for side in args.sides:
+        n = args.naive_n if side == "naive" else args.n
+        queue = ctx.Queue()
+        process = ctx.Process(target=measure, args=(side, n, args.dim, args.k, queue))
+        process.start()
+        side, n, seconds, peak_mb, head = queue.get()
+        process.join()
+        gflops = 2 * n * n * args.dim / seconds / 1e9
+        key = n
+        if key not in reference:
+            reference[key] = head
+        same = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(head, reference[key])])
+        print(f"{side:<9}{n:>7}{seconds:>9.2f}{gflops:>9.1f}{100 * gflops / rate:>9.0f}%{peak_mb:>9.0f}{same:>12.3f}")
+
+
+if __name__ == "__main__":
+    main()
