@@ -65,7 +65,8 @@ class SIAM(nn.Module):
         return F.normalize(self.image_linear(pooled), dim=-1)
 
     def rerank_scores(self, regions: torch.Tensor, maps: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Stage 2 of spec §4.3: cosine between one query's text (dim) and SIAM's feature of each of its N
-        candidates (regions N × K × R, maps N × C × h × w) -> N scores; sort descending to re-rank."""
-        text = F.normalize(text_emb.reshape(1, -1), dim=-1).expand(maps.shape[0], -1)
+        """Stage 2 of spec §4.3: cosine between the query text and SIAM's feature of each of N candidates
+        (regions N × K × R, maps N × C × h × w) -> N scores; sort descending to re-rank. text_emb is one
+        query's text (dim), or one text per candidate (N × dim) to score several queries' candidates at once."""
+        text = F.normalize(text_emb.reshape(-1, text_emb.shape[-1]), dim=-1).expand(maps.shape[0], -1)
         return (self(regions, maps, text) * text).sum(dim=-1)

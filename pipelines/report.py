@@ -88,14 +88,14 @@ def markers(name: str | None) -> tuple[str, str]:
 def write_into_readme(readme: Path, markdown: str, marker: str | None = None) -> None:
     from stages.atomic import atomic_path
 
-    BEGIN, END = markers(marker)  # noqa: N806  (shadows the module defaults on purpose)
+    begin, end = markers(marker)
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme}: needs the markers {BEGIN} and {END} around the table")
-    head, rest = text.split(BEGIN, 1)
-    _, tail_text = rest.split(END, 1)
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme}: needs the markers {begin} and {end} around the table")
+    head, rest = text.split(begin, 1)
+    _, tail_text = rest.split(end, 1)
     with atomic_path(readme) as tmp:
-        tmp.write_text(f"{head}{BEGIN}\n{markdown}\n{END}{tail_text}")
+        tmp.write_text(f"{head}{begin}\n{markdown}\n{end}{tail_text}")
 
 
 def main(argv: list[str] | None = None) -> None:

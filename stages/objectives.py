@@ -27,7 +27,7 @@ from models.amc import AMC, amc_loss
 from models.composeae import ComposeAE
 from models.ga import adversarial_penalty, isotropic_gradient_noise
 from models.losses import batch_based_classification, soft_triplet
-from models.matching_losses import nce_loss, same_image_mask, symmetric_info_nce, vse_max_violation
+from models.matching_losses import same_image_mask, vse_max_violation
 from models.val import VAL, val_loss
 from stages.modeling import MATCHING_MODELS, ModelName, as_vector
 from stages.params import PARAMS_FILE, ParamsError, require, section
@@ -113,15 +113,6 @@ def model_inputs(tokenizer, batch: dict, device: torch.device):
     return to_device(batch["ref"], device), tokens.to(device), lengths.to(device)
 
 
-def composed_and_target(model: nn.Module, tokenizer, batch: dict, device: torch.device):
-    """(q̂, t̂): normalised composed queries and targets, one float32 vector per row."""
-    images, tokens, lengths = model_inputs(tokenizer, batch, device)
-    with autocast(device):
-        query = model.compose(model.encode_reference(images), model.encode_text(tokens, lengths))
-        target = model.encode_image(to_device(batch["tgt"], device))
-    return model.normalize(as_vector(query)), model.normalize(as_vector(target))
-
-
 def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, device: torch.device):
     """(loss, q̂, t̂, logs) of one batch; q̂, t̂ are what the offline-negative hinge of `train` reuses."""
     images, tokens, lengths = model_inputs(tokenizer, batch, device)
@@ -136,6 +127,7 @@ def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, dev
         else:
             query, target = model.compose(reference, text), model.encode_image(targets)
     logs: dict[str, float] = {}
+    q_hat, t_hat = model.normalize(as_vector(query)), model.normalize(as_vector(target))
     if cfg.name == "val_matching":
         loss = val_loss([q.float() for q in query], [t.float() for t in target], cfg.val_margin, True,
                         cfg.val_semi_hard_mode)
@@ -143,7 +135,7 @@ def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, dev
         loss, terms = amc_loss([p.float() for p in pooled], target.float(), cfg.amc_sim_weight, cfg.amc_scale)
         logs.update({f"amc_{k}": v.item() for k, v in terms.items()})
     else:
-        loss = metric_loss(cfg, model.normalize(as_vector(query)), model.normalize(as_vector(target)))
+        loss = metric_loss(cfg, q_hat, t_hat)
     if isinstance(model, ComposeAE):
         logs["main_loss"] = loss.item()
         with autocast(device):
@@ -155,7 +147,7 @@ def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, dev
         logs.update({k: v.item() for k, v in aux.items()})
     if hasattr(model, "normalize") and isinstance(getattr(model.normalize, "scale", None), nn.Parameter):
         logs["scale"] = model.normalize.scale.item()
-    return loss, model.normalize(as_vector(query)), model.normalize(as_vector(target)), logs
+    return loss, q_hat, t_hat, logs
 
 
 def matching_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, device: torch.device):
@@ -166,11 +158,11 @@ def matching_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, dev
     with autocast(device):
         v = model.encode_image(to_device(batch["image"], device)).float()
         u = model.encode_text(tokens.to(device), lengths.to(device)).float()
-    if cfg.name == "nce":
-        return nce_loss(v, u, image_ids, cfg.nce_tau), {}
-    if cfg.name == "info_nce":
-        return symmetric_info_nce(v, u, image_ids, model.logit_scale), {"temperature": model.logit_scale.exp().item() ** -1}
-    return vse_max_violation(v @ u.T, cfg.vse_margin, same_image_mask(image_ids)), {}
+    if cfg.name == "vse":
+        return vse_max_violation(v @ u.T, cfg.vse_margin, same_image_mask(image_ids)), {}
+    symmetric = cfg.name == "info_nce"
+    logs = {"temperature": 1 / model.logit_scale.exp().item()} if symmetric else {}
+    return model.loss(v, u, image_ids, cfg.nce_tau, symmetric), logs
 
 
 def check_ga_task(ga: GAConfig, task: str) -> None:

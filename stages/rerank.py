@@ -86,7 +86,7 @@ def rerank_t2i(siam: SIAM, maps: torch.Tensor, images: torch.Tensor, texts: torc
         rows = candidates[q0: q0 + query_chunk]                                   # Bq × k
         candidate_maps = maps[rows.flatten()]                                     # Bq·k × C × h × w
         text = texts[q0: q0 + query_chunk].repeat_interleave(k, dim=0)            # Bq·k × d
-        scores = (siam(map_regions(candidate_maps), candidate_maps, text) * text).sum(-1).view(-1, k)  # cosine
+        scores = siam.rerank_scores(map_regions(candidate_maps), candidate_maps, text).view(-1, k)
         order = rows.gather(1, scores.argsort(dim=1, descending=True))
         found = order == text_image[q0: q0 + query_chunk, None]
         hits[q0: q0 + rows.shape[0]] = torch.where(found.any(1), found.float().argmax(1), torch.full_like(rows[:, 0], k))

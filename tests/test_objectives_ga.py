@@ -1,17 +1,19 @@
 """GA wired into a training step: the adversarial term is added to the loss, the isotropic noise to the grads."""
 import torch
+import yaml
 
 from models.ga import adversarial_penalty
 from models.losses import batch_based_classification
 from stages.modeling import ModelConfig, build_model
-from stages.objectives import GAConfig, composed_and_target, isotropic_noise, with_ga
-from tiny_repo import model_params
+from stages.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
+from tiny_repo import REPO, model_params
 from stages.params import parse
 from stages.vocab import Vocab
 
 MODEL = model_params(**{"name": "tirg", "embed_dim": 16, "norm_scale": 4.0,
          "image": {"encoder": "small_cnn", "weights": None, "channels": [4]},
          "text": {"embed_dim": 8, "hidden_dim": 8, "dropout": 0.0}})
+LOSS = parse(LossConfig, "loss", {**yaml.safe_load((REPO / "params.yaml").read_text())["loss"], "name": "bbc"})
 OFF = dict(adversarial=False, adversarial_lambda=1e-6, adversarial_q=1.0, isotropic=False,
            isotropic_weight=0.01, isotropic_mode="clean")
 
@@ -24,7 +26,7 @@ def setup():
              "text": ["make it red", "add a blue circle", "make it", "red"]}
 
     def step(model, batch):
-        q, t = composed_and_target(model, vocab, batch, torch.device("cpu"))
+        _, q, t, _ = training_loss(model, LOSS, vocab, batch, torch.device("cpu"))
         return batch_based_classification(q, t), {}
     return model, batch, step
 
