@@ -1,13 +1,15 @@
 """Top-K over query x gallery similarities (`mine`, `evaluate`): our chunked matmul + running topk against what
 a user would otherwise run, in one sitting, each side in its own process (so peak memory is its own).
 
-    python benchmarks/bench_topk.py [--n 50000] [--dim 512] [--k 50] [--naive-n 10000]
+    python benchmarks/bench_topk.py [--n 50000] [--dim 512] [--k 50] [--naive-n 10000] [--device cpu|cuda]
 
 Sides: `chunked` (stages.retrieval.chunked_topk, the pipeline's code path), `naive` (full Q x G matrix, then a
 per-row argsort, as research code does; at --naive-n because the full matrix is N² floats), scikit-learn
 `NearestNeighbors(algorithm="brute", metric="cosine")`, and faiss-cpu `IndexFlatIP` (pip install -e '.[bench]').
 The machine's own matmul rate is measured first in the same script; GFLOP/s of a side = 2·Q·G·d / seconds.
 Vectors are random unit vectors (cosine = inner product); all sides must return the same neighbours.
+With --device cuda the matmul rate and the `chunked` side run on the GPU (the same code path as `mine` and
+`evaluate` there); the other sides stay on the CPU.
 """
 from __future__ import annotations
 
@@ -25,21 +27,39 @@ def vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def matmul_gflops(dim: int, seconds: float = 3.0) -> float:
-    """The machine's float32 matmul rate on blocks the size chunked_topk uses."""
-    a, b = torch.randn(1024, dim), torch.randn(dim, 8192)
-    a @ b
-    began, flops = time.perf_counter(), 0
-    while time.perf_counter() - began < seconds:
-        a @ b
-        flops += 2 * 1024 * dim * 8192
-    return flops / (time.perf_counter() - began) / 1e9
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def run_chunked(q, g, k):
+def matmul_gflops(dim: int, device: str, seconds: float = 3.0) -> dict[str, float]:
+    """The machine's float32 matmul rate on blocks the size chunked_topk uses, for each BLAS at hand:
+    torch's (MKL on x86) and, on the CPU, numpy's (OpenBLAS)."""
+    a, b = torch.randn(1024, dim, device=device), torch.randn(dim, 8192, device=device)
+    products = {"torch": lambda: a @ b}
+    if device == "cpu":
+        a_np, b_np = a.numpy(), b.numpy()
+        products["numpy"] = lambda: a_np @ b_np
+    rates = {}
+    for name, product in products.items():
+        product()
+        synchronize(device)
+        began, flops = time.perf_counter(), 0
+        while time.perf_counter() - began < seconds:
+            product()
+            flops += 2 * 1024 * dim * 8192
+        synchronize(device)
+        rates[name] = flops / (time.perf_counter() - began) / 1e9
+    return rates
+
+
+def run_chunked(q, g, k, device="cpu"):
     from stages.retrieval import chunked_topk
 
-    return chunked_topk(torch.from_numpy(q), torch.from_numpy(g), k)[1].numpy()
+    q, g = torch.from_numpy(q).to(device), torch.from_numpy(g).to(device)
+    indices = chunked_topk(q, g, k)[1]
+    synchronize(device)
+    return indices.cpu().numpy()
 
 
 def run_naive(q, g, k):
@@ -64,11 +84,14 @@ def run_faiss(q, g, k):
 SIDES = {"chunked": run_chunked, "naive": run_naive, "sklearn": run_sklearn, "faiss": run_faiss}
 
 
-def measure(side: str, n: int, dim: int, k: int, out: mp.Queue) -> None:
+def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue) -> None:
     q, g = vectors(n, dim, 1), vectors(n, dim, 2)
+    extra = {"device": device} if side == "chunked" else {}
+    if device == "cuda" and side == "chunked":  # CUDA context and kernels, not counted
+        run_chunked(q[:1024], g[:8192], k, device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
-    neighbours = SIDES[side](q, g, k)
+    neighbours = SIDES[side](q, g, k, **extra)
     seconds = time.perf_counter() - began
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     out.put((side, n, seconds, peak_mb, np.asarray(neighbours[:200], dtype=np.int64)))
@@ -81,16 +104,21 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--naive-n", type=int, default=10000, help="size for the full-matrix side")
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where `chunked` runs")
     args = parser.parse_args()
-    rate = matmul_gflops(args.dim)
-    print(f"{torch.get_num_threads()} threads; matmul rate {rate:.1f} GFLOP/s; d={args.dim}, k={args.k}")
+    rates = matmul_gflops(args.dim, args.device)
+    rate = max(rates.values())  # the machine's rate: its fastest BLAS
+    print(f"{torch.get_num_threads()} threads; {args.device} matmul rate "
+          + ", ".join(f"{name} {value:.1f}" for name, value in rates.items())
+          + f" GFLOP/s (% matmul below: of {rate:.1f}); d={args.dim}, k={args.k}"
+          + ("; peak MB is host memory" if args.device == "cuda" else ""))
     print(f"{'side':<9}{'N':>7}{'seconds':>9}{'GFLOP/s':>9}{'% matmul':>10}{'peak MB':>9}{'same top-k':>12}")
     ctx = mp.get_context("spawn")
     reference = {}
     for side in args.sides:
         n = args.naive_n if side == "naive" else args.n
         queue = ctx.Queue()
-        process = ctx.Process(target=measure, args=(side, n, args.dim, args.k, queue))
+        process = ctx.Process(target=measure, args=(side, n, args.dim, args.k, args.device, queue))
         process.start()
         side, n, seconds, peak_mb, head = queue.get()
         process.join()

@@ -36,12 +36,13 @@ def score(
     ks: list[int],
     query_chunk: int = 1024,
     gallery_chunk: int = 8192,
+    device: torch.device | None = None,
 ) -> dict:
     """Recall@K in percent (2 decimals) of `queries` (row j described by records[j]) against `gallery`."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     _check_inputs(gallery_ids, gallery_captions, gallery, records, queries)
-    chunks = {"query_chunk": query_chunk, "gallery_chunk": gallery_chunk}
+    chunks = {"query_chunk": query_chunk, "gallery_chunk": gallery_chunk, "device": device}
     if protocol in ("target", "caption"):
         return _score_whole_gallery(gallery_ids, gallery_captions, gallery, records, queries, ks,
                                     by_caption=protocol == "caption", chunks=chunks)

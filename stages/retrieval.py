@@ -1,11 +1,16 @@
 """Nearest-neighbour search and recall@K, shared by `mine` and `evaluate`.
 
 The similarity matrix is computed in (query_chunk x gallery_chunk) blocks, keeping a running top-k
-per query, so a Q x G matrix never sits in memory at once.
+per query, so a Q x G matrix never sits in memory at once (peak memory: one block).
 """
 from __future__ import annotations
 
 import torch
+
+# Columns of a block are scanned in groups of this many: one max per group tells which groups can hold a
+# score above a bound on the query's k-th best. Few do, so the per-block cost is about one reduction pass
+# instead of a full top-k over the block (benchmarks/bench_topk.py).
+GROUP = 64
 
 
 def chunked_topk(
@@ -15,40 +20,81 @@ def chunked_topk(
     exclude: torch.Tensor | None = None,
     query_chunk: int = 1024,
     gallery_chunk: int = 8192,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k gallery rows by dot product for every query row.
 
     exclude: Q x m gallery indices that a query may not retrieve (-1 = padding), e.g. its own
     reference image (evaluation) or its target (mining).
-    Returns (scores Q x k, indices Q x k), best first.
+    device: where the blocks are computed (CPU or CUDA; default: the queries' device).
+    Returns (scores Q x k, indices Q x k) on the queries' device, best first.
     """
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
     if not 0 < k <= n_gallery:
         raise ValueError(f"k={k} must be in 1..{n_gallery} (the gallery size)")
-    best_scores = torch.empty(n_queries, k, dtype=torch.float32)
-    best_indices = torch.empty(n_queries, k, dtype=torch.long)
+    device = torch.device(device) if device is not None else queries.device
+    gallery = gallery.to(device)
+    best_scores = torch.empty(n_queries, k, dtype=torch.float32, device=queries.device)
+    best_indices = torch.empty(n_queries, k, dtype=torch.long, device=queries.device)
     for q0 in range(0, n_queries, query_chunk):
-        q = queries[q0 : q0 + query_chunk].float()
-        run_scores = torch.full((q.shape[0], 0), float("-inf"))
-        run_indices = torch.empty((q.shape[0], 0), dtype=torch.long)
+        q = queries[q0 : q0 + query_chunk].to(device).float()
+        run_scores = torch.empty((q.shape[0], 0), device=device)
+        run_indices = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
         for g0 in range(0, n_gallery, gallery_chunk):
             block = q @ gallery[g0 : g0 + gallery_chunk].float().T
             if exclude is not None:
-                _mask_excluded(block, exclude[q0 : q0 + query_chunk], g0)
-            columns = torch.arange(g0, g0 + block.shape[1]).expand(block.shape[0], -1)
-            scores = torch.cat([run_scores, block], dim=1)
-            indices = torch.cat([run_indices, columns], dim=1)
-            run_scores, order = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-            run_indices = indices.gather(1, order)
-        best_scores[q0 : q0 + q.shape[0]] = run_scores
-        best_indices[q0 : q0 + q.shape[0]] = run_indices
+                _mask_excluded(block, exclude[q0 : q0 + query_chunk].to(device), g0)
+            run_scores, run_indices = _merge(run_scores, run_indices, block, g0, k)
+        best_scores[q0 : q0 + q.shape[0]] = run_scores.to(queries.device)
+        best_indices[q0 : q0 + q.shape[0]] = run_indices.to(queries.device)
     return best_scores, best_indices
+
+
+def _merge(run_scores, run_indices, block, g0: int, k: int):
+    """The running top-k (R x k', k' <= k) merged with a block of scores (R x C) whose columns start at g0."""
+    rows, width = block.shape
+    padded = torch.cat([block, block.new_full((rows, -width % GROUP), float("-inf"))], dim=1) if width % GROUP else block
+    grouped = padded.view(rows, -1, GROUP)
+    group_max = grouped.amax(dim=2)
+    # A lower bound on each row's new k-th best: its current k-th best, or, for the first block, the k-th
+    # largest group maximum (k groups reach it, so k scores do). Only groups reaching the bound can matter.
+    if run_scores.shape[1] == k:
+        bound = run_scores[:, -1:]
+    elif group_max.shape[1] >= k:
+        bound = torch.topk(group_max, k, dim=1).values[:, -1:]
+    else:
+        bound = None
+    if bound is None or not torch.isfinite(bound).all():  # too few finite scores yet: merge the whole block
+        scores = torch.cat([run_scores, block], dim=1)
+        indices = torch.cat([run_indices, torch.arange(g0, g0 + width, device=block.device).expand(rows, -1)], dim=1)
+        scores, order = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        return scores, indices.gather(1, order)
+    hit_rows, hit_groups = (group_max >= bound).nonzero(as_tuple=True)
+    if hit_rows.numel() == 0:  # (only when the bound is the running k-th best: nothing in this block beats it)
+        return run_scores, run_indices
+    counts = torch.bincount(hit_rows, minlength=rows)
+    slot = torch.arange(hit_rows.numel(), device=block.device) - (torch.cumsum(counts, 0) - counts)[hit_rows]
+    slots = int(counts.max())
+    # candidates: the running top-k, then each row's hit groups side by side (-inf where a row has fewer);
+    # every row has at least k finite candidates, so no -inf padding reaches the result
+    kept = run_scores.shape[1]
+    candidates = block.new_full((rows, kept + slots * GROUP), float("-inf"))
+    candidates[:, :kept] = run_scores
+    candidates[:, kept:].view(rows, slots, GROUP)[hit_rows, slot] = grouped[hit_rows, hit_groups]
+    group_of_slot = torch.zeros((rows, slots), dtype=torch.long, device=block.device)
+    group_of_slot[hit_rows, slot] = hit_groups
+    scores, order = torch.topk(candidates, k, dim=1)
+    in_block = (order - kept).clamp(min=0)
+    columns = group_of_slot.gather(1, in_block // GROUP) * GROUP + in_block % GROUP + g0
+    if kept == 0:
+        return scores, columns
+    return scores, torch.where(order < kept, run_indices.gather(1, order.clamp(max=kept - 1)), columns)
 
 
 def _mask_excluded(block: torch.Tensor, exclude: torch.Tensor, g0: int) -> None:
     local = exclude - g0
     valid = (exclude >= 0) & (local >= 0) & (local < block.shape[1])
-    rows = torch.arange(block.shape[0])[:, None].expand_as(local)
+    rows = torch.arange(block.shape[0], device=block.device)[:, None].expand_as(local)
     block[rows[valid], local[valid]] = float("-inf")
 
 

@@ -41,6 +41,30 @@ def test_chunked_topk_matches_brute_force(query_chunk, gallery_chunk):
     assert torch.allclose(scores, expected_scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("ascending", [False, True])
+def test_chunked_topk_group_filter_matches_brute_force(ascending):
+    # galleries wider than a column group: later blocks go through the group-max filter; with `ascending`
+    # every block beats the previous one, so the filter keeps many groups
+    g = torch.Generator().manual_seed(1)
+    queries, gallery = torch.randn(300, 32, generator=g), torch.randn(2000, 32, generator=g)
+    if ascending:
+        gallery = gallery[torch.argsort(gallery @ queries.mean(0))]
+    scores, indices = chunked_topk(queries, gallery, 20, query_chunk=128, gallery_chunk=500)
+    expected_scores, expected_indices = (queries @ gallery.T).topk(20, dim=1)
+    assert torch.equal(indices, expected_indices)
+    assert torch.allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_chunked_topk_keeps_every_copy_of_a_tied_score():
+    # a gallery of 3 distinct rows repeated: the top-5 scores are ties that span blocks
+    base = torch.eye(3)
+    gallery = base.repeat(200, 1)
+    queries = torch.tensor([[1.0, 0.5, 0.0]])
+    scores, indices = chunked_topk(queries, gallery, 5, gallery_chunk=128)
+    assert scores.tolist() == [[1.0] * 5]
+    assert all(i % 3 == 0 for i in indices[0].tolist()) and len(set(indices[0].tolist())) == 5
+
+
 def test_recall_needs_enough_ranked_results():
     with pytest.raises(ValueError, match="recall@5"):
         recall_at_k(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), [1, 5])
