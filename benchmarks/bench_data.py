@@ -14,7 +14,6 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,22 +22,17 @@ from stages.embedding import embed_gallery, embed_queries
 from stages.loaders import texts
 from stages.mine import MineConfig, mine
 from stages.modeling import ModelConfig, build_model
+from stages.parallel import ParallelConfig
 from stages.params import load, parse
 from stages.prepare import prepare
 from stages.resize import ResizeConfig, run_resize
 from stages.shard import ShardConfig, run_shard
 from stages.vocab import Vocab
+from measure import Measurement, print_table  # benchmarks/measure.py (scripts run from benchmarks/)
 
 
 
-@dataclass(frozen=True)
-class Measurement:
-    step: str
-    items: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
+def rate(self) -> float:
         return self.items / self.seconds
 
 
@@ -50,9 +44,10 @@ def make_dataset(root: Path) -> Path:
 
 def bench_resize(prepared: Path, output: Path, size: int, workers: int) -> Measurement:
     cfg = parse(ResizeConfig, "resize", dict(size=size, mode="center_crop", pad_value=0, format="png",
-                                             jpeg_quality=90, workers=workers))
+                                             jpeg_quality=90))
+    parallel = ParallelConfig(runner="processes", workers=workers, address=None, items_per_task=64)
     start = time.perf_counter()
-    summary = run_resize(prepared, output, cfg)
+    summary = run_resize(prepared, output, cfg, parallel)
     seconds = time.perf_counter() - start
     return Measurement(f"resize, {workers} worker{'s' if workers > 1 else ''}", summary.images_out, seconds)
 
@@ -97,13 +92,6 @@ def bench_mine(shards: Path, size: int) -> list[Measurement]:
         Measurement(f"mine top-{cfg.k}, chunked (candidates)", candidates, searched - embedded),
         Measurement(f"mine top-{cfg.k}, full matrix baseline", candidates, done - searched),
     ]
-
-
-def print_table(rows: list[Measurement]) -> None:
-    width = max(len(row.step) for row in rows)
-    print(f"{'step':<{width}}  {'items':>7}  {'seconds':>8}  {'items/s':>9}")
-    for row in rows:
-        print(f"{row.step:<{width}}  {row.items:>7}  {row.seconds:>8.2f}  {row.rate:>9.0f}")
 
 
 def main(argv: list[str] | None = None) -> None:

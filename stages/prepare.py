@@ -2,10 +2,11 @@
 
     python -m stages.prepare --out data/prepared
 
-Reads the `dataset` and `download` sections of params.yaml: `dataset.name` picks an adapter under
-stages/datasets/, `dataset.<name>` is that adapter's own params, and `download` says how real
-datasets are fetched (workers, retries, timeouts) into their `raw_dir` under data/raw/. The output directory
-appears only once it is complete:
+Reads the `dataset`, `download` and `parallel` sections of params.yaml: `dataset.name` picks an adapter
+under stages/datasets/, `dataset.<name>` is that adapter's own params, `download` says how real
+datasets are fetched (workers, retries, timeouts) into their `raw_dir` under data/raw/, and `parallel`
+how an adapter that computes its images spreads the work (shapes renders its scenes through
+stages.parallel: Prefect processes or Dask workers). The output directory appears only once it is complete:
 
     <out>/images/...        the image files
     <out>/images.parquet    image manifest (see stages.manifest)
@@ -15,6 +16,7 @@ appears only once it is complete:
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from stages.atomic import staged_dir
 from stages.cli import run_stage
 from stages.datasets import ADAPTERS, load_adapter
 from stages.download import DownloadConfig
+from stages.parallel import ParallelConfig
 from stages.params import PARAMS_FILE, ParamsError, load, parse, read_yaml
 
 
@@ -66,12 +69,20 @@ def per_split(table: pa.Table) -> str:
     return " ".join(f"{split}={counts[split]}" for split in sorted(counts)) or "none"
 
 
+def build(params: DatasetParams, work: Path, download: DownloadConfig, parallel: ParallelConfig):
+    """The adapter's build; `parallel` goes to the adapters that take it (those that compute images)."""
+    if "parallel" in inspect.signature(params.adapter.build).parameters:
+        return params.adapter.build(params.config, work, download, parallel=parallel)
+    return params.adapter.build(params.config, work, download)
+
+
 def prepare(out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """Build the dataset into `out`; returns a one-line summary."""
     params = load_dataset_params(params_path)
     download = load(DownloadConfig, "download", params_path)
+    parallel = load(ParallelConfig, "parallel", params_path)
     with staged_dir(out) as work:
-        images, queries = params.adapter.build(params.config, work, download)
+        images, queries = build(params, work, download, parallel)
         manifest.write(work, images, queries)
     return f"prepare {params.name}: images {per_split(images)}; queries {per_split(queries)} -> {out}"
 

@@ -2,17 +2,26 @@
 
     python -m stages.shard --input data/resized --output data/shards
 
-Reads only the `shard` section of params.yaml. For every split: gallery shards (one sample per
-image, with every caption of the image from captions.parquet when the input has one, else its
-manifest caption) and query shards (one sample per query, with both images), in manifest order;
+Reads the `shard` and `parallel` sections of params.yaml. For every split: gallery shards (one
+sample per image, with every caption of the image from captions.parquet when the input has one, else
+its manifest caption) and query shards (one sample per query, with both images), in manifest order;
 folds.json, when the input has one, is copied beside them. Layout and sample format in
 stages.shards. The output directory appears only once complete.
+
+Where each shard ends is planned here, from the image file sizes (stat) and the json members, exactly
+as webdataset's ShardWriter would cut the stream (`plan_shards`); each tar is then written whole, by
+`shards.write_shards`, in parallel as `parallel` says (stages.parallel): the same bytes as one
+sequential ShardWriter, whatever the workers.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +31,8 @@ from typing_extensions import Annotated
 
 from stages import captions, manifest, shards
 from stages.atomic import staged_dir, write_json
-from stages.cli import run_stage
+from stages.cli import StageError, run_stage
+from stages.parallel import SERIAL, ParallelConfig, map_items
 from stages.params import PARAMS_FILE, load, section
 
 
@@ -79,16 +89,105 @@ def image_captions(input_dir: Path, images: pa.Table) -> dict[str, list[dict[str
     return captions.of_images(captions.read(input_dir, images), images, input_dir)
 
 
-def write_split(work: Path, split: str, images: list[dict[str, str]], queries: list[dict[str, str]],
-                path_of: dict[str, str], input_dir: Path, cfg: ShardConfig,
-                captions_of: dict[str, list[dict[str, str]]] | None = None) -> dict[str, Any]:
-    """Gallery and query shards of one split; returns its index entry."""
-    gallery = gallery_samples(images, input_dir, captions_of)
-    split_queries = query_samples(queries, path_of, input_dir)
-    return {
-        "gallery": shards.write_shards(work, split, "gallery", gallery, cfg.maxcount, cfg.maxsize),
-        "queries": shards.write_shards(work, split, "queries", split_queries, cfg.maxcount, cfg.maxsize),
-    }
+# --- planned shards, written in parallel ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image member not read yet: its size for the plan, its bytes in the worker that writes the shard."""
+    path: Path
+    size: int
+
+    def read(self) -> bytes:
+        data = self.path.read_bytes()
+        if len(data) != self.size:
+            raise StageError(f"{self.path}: changed while the shards were written ({self.size} -> {len(data)} bytes)")
+        return data
+
+
+class DeferredPath(type(Path())):
+    """A path whose read_bytes() only stats the file: the sample builders of stages.shards then give a
+    sample whose image members are ImageFiles."""
+
+    def read_bytes(self) -> ImageFile:  # type: ignore[override]
+        return ImageFile(Path(self), os.stat(self).st_size)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One tar: `<work>/<split>/<kind>-<number>.tar` holding `samples` (image members deferred)."""
+    work: Path
+    split: str
+    kind: str
+    number: int
+    samples: list[dict[str, Any]]
+
+    @property
+    def file(self) -> str:
+        return f"{self.split}/{self.kind}-{self.number:06d}.tar"
+
+
+def payload_size(sample: dict[str, Any]) -> int:
+    """What webdataset's TarWriter.write returns for the sample: the bytes of its members ('_' keys skipped)."""
+    return sum(v.size if isinstance(v, ImageFile) else len(v) for k, v in sample.items() if not k.startswith("_"))
+
+
+def plan_shards(samples, maxcount: int, maxsize: int) -> list[list[dict[str, Any]]]:
+    """The samples cut into shards where webdataset's ShardWriter cuts them: a new shard before a
+    sample once the current one holds `maxcount` samples or `maxsize` payload bytes."""
+    planned: list[list[dict[str, Any]]] = []
+    count = size = 0
+    for sample in samples:
+        if not planned or count >= maxcount or size >= maxsize:
+            planned.append([])
+            count = size = 0
+        planned[-1].append(sample)
+        count += 1
+        size += payload_size(sample)
+    return planned
+
+
+def write_shard(job: ShardJob, maxcount: int, maxsize: int) -> dict[str, Any]:
+    """Write one planned shard with shards.write_shards (aside, then renamed to its number); its index entry."""
+    samples = ({k: v.read() if isinstance(v, ImageFile) else v for k, v in sample.items()} for sample in job.samples)
+    aside = job.work / f".{job.split}-{job.kind}-{job.number:06d}.partial"
+    try:
+        entry = shards.write_shards(aside, job.split, job.kind, samples, maxcount, maxsize)  # read as written
+        if len(entry["shards"]) != 1 or entry["count"] != len(job.samples):  # the plan must match ShardWriter
+            raise RuntimeError(f"{job.file}: planned {len(job.samples)} samples in one shard, "
+                               f"ShardWriter wrote {[s['count'] for s in entry['shards']]}")
+        (job.work / job.split).mkdir(parents=True, exist_ok=True)
+        os.replace(aside / entry["shards"][0]["file"], job.work / job.file)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return {"file": job.file, "count": entry["count"], "sha256": entry["shards"][0]["sha256"]}
+
+
+def plan_split(work: Path, split: str, images: list[dict[str, str]], queries: list[dict[str, str]],
+               path_of: dict[str, str], input_dir: Path, cfg: ShardConfig,
+               captions_of: dict[str, list[dict[str, str]]] | None = None) -> dict[str, list[ShardJob]]:
+    """The gallery and query shards of one split, planned: kind -> its shards in order."""
+    deferred, work = DeferredPath(input_dir.absolute()), work.absolute()  # workers elsewhere need no cwd
+    samples = {"gallery": gallery_samples(images, deferred, captions_of),
+               "queries": query_samples(queries, path_of, deferred)}
+    return {kind: [ShardJob(work, split, kind, number, planned)
+                   for number, planned in enumerate(plan_shards(samples[kind], cfg.maxcount, cfg.maxsize))]
+            for kind in shards.KINDS}
+
+
+def write_splits(work: Path, plans: dict[str, dict[str, list[ShardJob]]], cfg: ShardConfig,
+                 parallel: ParallelConfig) -> dict[str, dict[str, Any]]:
+    """Write every planned shard of every split (one parallel run); the index's "splits"."""
+    jobs = [job for kinds in plans.values() for kind in shards.KINDS for job in kinds[kind]]
+    written = iter(map_items(partial(write_shard, maxcount=cfg.maxcount, maxsize=cfg.maxsize), jobs, parallel,
+                             "shard", label=attrgetter("file"), unit="shard"))
+    index: dict[str, dict[str, Any]] = {}
+    for split, kinds in plans.items():
+        index[split] = {}
+        for kind in shards.KINDS:
+            entries = [next(written) for _ in kinds[kind]]
+            index[split][kind] = {"count": sum(e["count"] for e in entries), "shards": entries}
+    return index
 
 
 def total_megabytes(shard_dir: Path, splits: dict[str, dict[str, Any]]) -> float:
@@ -99,7 +198,8 @@ def total_megabytes(shard_dir: Path, splits: dict[str, dict[str, Any]]) -> float
     return sum(sizes) / 1e6
 
 
-def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig) -> Summary:
+def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig,
+              parallel: ParallelConfig = SERIAL) -> Summary:
     """Shard the resized dataset in `input_dir` into `output_dir` (see the module doc)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     images, queries = manifest.read(input_dir)
@@ -111,11 +211,9 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig) -
     captions_of = image_captions(input_dir, images)
     start = time.perf_counter()
     with staged_dir(output_dir) as work:
-        index: dict[str, Any] = {"format": shards.INDEX_FORMAT, "splits": {}}
-        for split in splits:
-            index["splits"][split] = write_split(
-                work, split, images_of[split], queries_of[split], path_of, input_dir, cfg, captions_of
-            )
+        plans = {split: plan_split(work, split, images_of[split], queries_of[split], path_of, input_dir, cfg,
+                                   captions_of) for split in splits}
+        index: dict[str, Any] = {"format": shards.INDEX_FORMAT, "splits": write_splits(work, plans, cfg, parallel)}
         if (input_dir / captions.FOLDS_FILE).exists():
             index["folds"] = shards.write_folds(work, input_dir / captions.FOLDS_FILE)
         write_json(work / shards.INDEX_FILE, index)
@@ -124,9 +222,10 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig) -
 
 
 def shard(input_dir: Path | str, output_dir: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
-    """The stage: read `shard` params, run, return the one-line summary."""
+    """The stage: read `shard` and `parallel` params, run, return the one-line summary."""
     cfg = load(ShardConfig, "shard", params_path)
-    return run_shard(input_dir, output_dir, cfg).line(output_dir)
+    parallel = load(ParallelConfig, "parallel", params_path)
+    return run_shard(input_dir, output_dir, cfg, parallel).line(output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

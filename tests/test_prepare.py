@@ -27,7 +27,8 @@ SHAPES = dict(
 def write_params(directory, dataset: dict) -> None:
     # Other sections are there to show that prepare reads only its own.
     download = {"workers": 2, "retries": 0, "backoff_seconds": 0.0, "timeout_seconds": 5.0}
-    params = {"dataset": dataset, "download": download, "train": {"lr": "not read by prepare"}}
+    parallel = {"runner": "processes", "workers": 1, "address": None, "items_per_task": 64}
+    params = {"dataset": dataset, "download": download, "parallel": parallel, "train": {"lr": "not read by prepare"}}
     (directory / "params.yaml").write_text(yaml.safe_dump(params))
 
 

@@ -23,7 +23,7 @@ def test_captions_and_folds_follow_the_images_that_survive(tmp_path):
     (src / captions.FOLDS_FILE).write_text(json.dumps({"0": ["a", "c"], "1": ["b"]}))
 
     cfg = parse(ResizeConfig, "resize", dict(size=8, mode="center_crop", pad_value=0, format="png",
-                                             jpeg_quality=90, workers=1))
+                                             jpeg_quality=90))
     run_resize(src, tmp_path / "resized", cfg)
 
     kept = captions.read(tmp_path / "resized")

@@ -262,7 +262,9 @@ def test_repository_params_parse():
 
 def test_cli_prints_the_summary_and_exits_2_on_bad_input(resized, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"shard": {"maxcount": 3, "maxsize": 10**9}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "shard": {"maxcount": 3, "maxsize": 10**9},
+        "parallel": {"runner": "processes", "workers": 1, "address": None, "items_per_task": 64}}))
     shard.main(["--input", str(resized), "--output", str(tmp_path / "shards")])
     assert "shard: samples/shards test gallery 3/1 queries 2/1; train gallery 7/3 queries 7/3" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:

@@ -48,7 +48,7 @@ def prepare(root: Path, rows: list[dict[str, str]] | None, folds: dict | None = 
     if folds is not None:
         write_json(prepared / captions.FOLDS_FILE, folds)
     cfg = parse(ResizeConfig, "resize", dict(size=8, mode="center_crop", pad_value=0, format="png",
-                                             jpeg_quality=90, workers=1))
+                                             jpeg_quality=90))
     run_resize(prepared, root / "resized", cfg)
     return root / "resized"
 

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "resize", "shard", "vocabulary", "pretrain", "mine", "train", "evaluate"]
 TINY = {
     "dataset": {"shapes": {"image_size": 40, "train_queries": 240, "test_queries": 60, "novel_queries": 60}},
-    "resize": {"size": 32, "workers": 2},
+    "parallel": {"workers": 1},  # tests/test_parallel.py runs prepare/resize/shard in parallel
+    "resize": {"size": 32},
     "shard": {"maxcount": 100},
     "model": {"embed_dim": 32, "image": {"channels": [8, 16]}, "text": {"embed_dim": 16, "hidden_dim": 16}},
     "pretrain": {"steps": 12, "batch_size": 16, "checkpoint_every": 5, "log_every": 4, "workers": 0},

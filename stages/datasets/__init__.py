@@ -6,7 +6,9 @@ An adapter is a module exposing
                                   fetches what it needs into its `raw_dir` (real datasets), writes
                                   image files under `out_dir/images/` and returns the (images,
                                   queries) tables of `stages.manifest`, with image paths relative
-                                  to `out_dir` (e.g. `images/<image_id>.png`)
+                                  to `out_dir` (e.g. `images/<image_id>.png`); an adapter that
+                                  computes its images also takes `parallel: ParallelConfig` (a
+                                  keyword, default serial) and spreads them with stages.parallel
 
 Adding a dataset means adding a module here and a line to ADAPTERS; the `prepare` stage stays the same.
 """

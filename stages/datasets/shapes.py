@@ -11,6 +11,8 @@ Splits:
 
 Every scene is one image whatever query uses it (its id hashes the scene) and every image belongs
 to exactly one split. Everything is drawn from one RNG seeded by `seed`: same params, same bytes.
+The scenes are drawn here, then rendered in parallel as the `parallel` params say (stages.parallel):
+the same bytes whatever the workers.
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from stages.atomic import write_bytes, write_json
 from stages.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
+from stages.parallel import SERIAL, ParallelConfig, map_items
 from stages.params import ParamsError, require, section
 
 SHAPES = ("circle", "square", "triangle")
@@ -375,14 +379,22 @@ def summary(data: ShapesData) -> dict:
     }
 
 
-def build(cfg: Config, out_dir: Path, download: object = None) -> tuple[pa.Table, pa.Table]:
-    """Render every scene once to `out_dir/images/`, write `out_dir/shapes.json`, return the manifests.
+def write_scene(item: tuple[str, Scene], out_dir: Path, image_size: int) -> None:
+    """Render one (scene_id, scene) to its png under `out_dir` (atomically)."""
+    scene_id, scene = item
+    write_bytes(out_dir / image_path(scene_id), png_bytes(render(scene, image_size)))
+
+
+def build(cfg: Config, out_dir: Path, download: object = None,
+          parallel: ParallelConfig = SERIAL) -> tuple[pa.Table, pa.Table]:
+    """Render every scene once to `out_dir/images/` (in parallel as `parallel` says), write
+    `out_dir/shapes.json`, return the manifests.
 
     `download` (the `download` params) is unused: shapes is generated, nothing is fetched."""
     out_dir = Path(out_dir)
     data = generate(cfg)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    for scene_id, scene in tqdm(data.scenes.items(), desc="render shapes", unit="img", disable=None):
-        write_bytes(out_dir / image_path(scene_id), png_bytes(render(scene, cfg.image_size)))
+    render_one = partial(write_scene, out_dir=out_dir.absolute(), image_size=cfg.image_size)  # workers need no cwd
+    map_items(render_one, list(data.scenes.items()), parallel, "render shapes", label=itemgetter(0), unit="img")
     write_json(out_dir / "shapes.json", summary(data))
     return tables(data)
