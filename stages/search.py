@@ -287,7 +287,7 @@ def write_output(out: Path, query: dict, query_image: bytes | None, results: lis
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="an image-text matching checkpoint (dual_encoder)")
-    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
     parser.add_argument("--split", default="test")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="rank the split's gallery images by this caption")

@@ -44,7 +44,7 @@ class VocabularyConfig:
 
 def build(shard_dir: Path | str, out: Path | str, cfg: VocabularyConfig) -> dict[str, Any]:
     """Write `out` (see the module doc); returns what vocab.json holds besides the state."""
-    shard_dir, out = Path(shard_dir), Path(out)
+    shard_dir, out = shards.location(shard_dir), Path(out)
     glove = None
     if cfg.glove_path is not None:
         glove = Path(cfg.glove_path)
@@ -93,7 +93,7 @@ def vocabulary(shard_dir: Path | str, out: Path | str, params_path: Path | str =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=Path, required=True, help="shard directory, e.g. data/shards")
+    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
     parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. data/vocab")
     args = parser.parse_args(argv)
     run_stage(lambda: print(vocabulary(args.shards, args.out)))

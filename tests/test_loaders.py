@@ -24,7 +24,7 @@ def data(tmp_path_factory):
     images, queries = shapes.build(parse(shapes.Config, "dataset.shapes", SHAPES), root / "prepared")
     manifest.write(root / "prepared", images, queries)
     run_resize(root / "prepared", root / "resized", parse(ResizeConfig, "resize", dict(
-        size=24, mode="center_crop", pad_value=0, format="png", jpeg_quality=90, workers=1)))
+        size=24, mode="center_crop", pad_value=0, format="png", jpeg_quality=90)))
     run_shard(root / "resized", root / "shards", parse(ShardConfig, "shard", dict(maxcount=20, maxsize=10**8)))
     return root
 
