@@ -25,6 +25,9 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	python benchmarks/bench_data.py
 	python benchmarks/bench_topk.py
+	python benchmarks/bench_resize.py
+	python benchmarks/bench_loader.py
+	python benchmarks/train_step.py
 	python benchmarks/bench_ga.py
 
 clean-venv:

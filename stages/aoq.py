@@ -14,6 +14,7 @@ from torch import nn
 from models.matching_losses import aoq_loss, same_image_mask, sample_offline_negatives
 from stages import shards
 from stages.cli import StageError
+from stages.distributed import across_ranks, gather_objects
 from stages.loaders import decode_image
 from stages.offline_candidates import read_candidates
 from stages.training import autocast, to_device
@@ -64,9 +65,18 @@ def aoq_batch_loss(model: nn.Module, negatives: AOQNegatives, loss_cfg, tokenize
         u_all = model.encode_text(tokens.to(device), lengths.to(device)).float()
     v, v_neg, v_partner = v_all.split(b)
     u, u_neg, u_partner = u_all.split(b)
-    ids = {image_id: i for i, image_id in enumerate(dict.fromkeys(batch["image_id"]))}
-    same = same_image_mask(torch.tensor([ids[i] for i in batch["image_id"]], device=device))
-    loss, terms = aoq_loss(v @ u.T, (v * u_neg).sum(1), (v_neg * u).sum(1), (v_neg * u_neg).sum(1),
-                           (v_partner * u_partner).sum(1), loss_cfg.aoq_margin_online, loss_cfg.aoq_margin_offline,
-                           loss_cfg.aoq_alpha, loss_cfg.aoq_beta, loss_cfg.aoq_variant, same)
+    names = gather_objects(list(batch["image_id"]))  # every rank's, when training on several processes
+    ids = {image_id: i for i, image_id in enumerate(dict.fromkeys(names))}
+    same = same_image_mask(torch.tensor([ids[i] for i in names], device=device))
+    terms = {}
+
+    def loss_fn(v, u, s_off_caption, s_off_image, s_off_pair, s_off_partners):
+        loss, parts = aoq_loss(v @ u.T, s_off_caption, s_off_image, s_off_pair, s_off_partners,
+                               loss_cfg.aoq_margin_online, loss_cfg.aoq_margin_offline, loss_cfg.aoq_alpha,
+                               loss_cfg.aoq_beta, loss_cfg.aoq_variant, same)
+        terms.update(parts)
+        return loss
+
+    loss = across_ranks(loss_fn, v, u, (v * u_neg).sum(1), (v_neg * u).sum(1), (v_neg * u_neg).sum(1),
+                        (v_partner * u_partner).sum(1))
     return loss, {f"aoq_{k}": float(v.detach()) for k, v in terms.items()}

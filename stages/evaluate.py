@@ -101,7 +101,8 @@ def score_split(models, shard_dir: Path, split: str, cfg: EvaluateConfig, device
     """{mode: {protocol: result}} of one split."""
     gallery_ids, captions, gallery, records, queries = embed_split(models, shard_dir, split, cfg, device)
     try:
-        return {mode: {protocol: score(protocol, gallery_ids, captions, gallery, records, queries[mode], cfg.ks)
+        return {mode: {protocol: score(protocol, gallery_ids, captions, gallery, records, queries[mode], cfg.ks,
+                                       device=device)
                        for protocol in cfg.protocols}
                 for mode in MODES}
     except ValueError as err:
@@ -165,7 +166,7 @@ def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateC
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, nargs="+", required=True, help="one checkpoint, or several: an ensemble")
-    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     cfg = load(EvaluateConfig, "evaluate")

@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision.transforms import v2
 
-from stages import shards
+from stages import distributed, shards
 from stages.vocab import Vocab
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -68,12 +68,12 @@ def _collate_pairs(pairs: list[dict]) -> dict:
     }
 
 
-def _epoch_loader(urls: list[str], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
-                  to_item=_query_sample, collate=_collate, expand=None):
-    """One epoch: shards shuffled, samples (after `expand`, a generator stage, if any) shuffled,
-    mapped by `to_item`, collated into full batches."""
+def _epoch_loader(urls: dict[str, int], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+                  to_item=_query_sample, collate=_collate, expand=None, pin_memory: bool = False):
+    """One epoch of the shards `urls` ({shard: indexed count}, shards.shard_counts): shards shuffled, samples
+    (after `expand`, a generator stage, if any) shuffled, mapped by `to_item`, collated into full batches."""
     dataset = (
-        wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, nodesplitter=None, empty_check=False)
+        shards.open_shards(urls, shardshuffle=len(urls), seed=seed, nodesplitter=None, empty_check=False)
         .decode()  # json only; images stay bytes until to_item (decoding before shuffle keeps the order)
     )
     if expand is not None:
@@ -83,7 +83,21 @@ def _epoch_loader(urls: list[str], batch_size: int, shuffle_buffer: int, seed: i
         .map(to_item)
         .batched(batch_size, collation_fn=collate, partial=False)
     )
-    return wds.WebLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)))
+    return wds.WebLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)), pin_memory=pin_memory)
+
+
+def _resampled_loader(urls: list[str], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+                      to_item=_query_sample, collate=_collate, expand=None, pin_memory: bool = False):
+    """An endless stream for one of several training processes: shards drawn with replacement, seeded by
+    (rank, DataLoader worker, seed) (wds.ResampledShards, deterministic), so every rank and worker reads
+    its own reproducible stream, none runs dry, and all ranks take the same number of equal batches."""
+    steps = [wds.ResampledShards(urls, seed=seed, deterministic=True),
+             wds.tarfile_to_samples(handler=shards.ShardErrors()), wds.decode()]
+    if expand is not None:
+        steps.append(expand)
+    steps += [wds.shuffle(shuffle_buffer, seed=seed), wds.map(to_item),
+              wds.batched(batch_size, collation_fn=collate, partial=False)]
+    return wds.WebLoader(wds.DataPipeline(*steps), batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
 
 def _endless(epoch_loader, what: str, shard_dir: Path, split: str, batch_size: int, seed: int) -> Iterator[dict]:
@@ -98,24 +112,36 @@ def _endless(epoch_loader, what: str, shard_dir: Path, split: str, batch_size: i
 
 
 def training_batches(
-    shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int
+    shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+    pin_memory: bool = False,
 ) -> Iterator[dict]:
-    """Endless shuffled query batches; each epoch reshuffles with seed + epoch (reproducible)."""
-    urls = shards.shard_paths(shard_dir, split, "queries")
-    yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers),
+    """Endless shuffled query batches; each epoch reshuffles with seed + epoch (reproducible). On several
+    processes (stages.distributed) each rank gets `batch_size` queries per batch from resampled shards.
+    pin_memory: batches in page-locked memory, for non-blocking copies to the GPU."""
+    urls = shards.shard_counts(shard_dir, split, "queries")
+    if distributed.size() > 1:
+        yield from _resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers, pin_memory=pin_memory)
+        return
+    yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers, pin_memory=pin_memory),
                         "queries", shard_dir, split, batch_size, seed)
 
 
 def matching_batches(
-    shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int
+    shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+    pin_memory: bool = False,
 ) -> Iterator[dict]:
     """Endless shuffled batches of (image, caption) pairs for image-text matching: every caption of
     every gallery image of the split is one pair each epoch (an image with 5 captions comes 5 times).
     Keys: image (B x 3 x H x W), text, image_id, caption_id (lists). Each epoch reshuffles with
-    seed + epoch (reproducible); pairs that do not fill a last batch are left out of that epoch."""
-    urls = shards.shard_paths(shard_dir, split, "gallery")
-    yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers,
-                                                to_item=_pair_sample, collate=_collate_pairs, expand=_pairs),
+    seed + epoch (reproducible); pairs that do not fill a last batch are left out of that epoch. On several
+    processes (stages.distributed) each rank gets `batch_size` pairs per batch from resampled shards."""
+    urls = shards.shard_counts(shard_dir, split, "gallery")
+    if distributed.size() > 1:
+        yield from _resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers, to_item=_pair_sample,
+                                     collate=_collate_pairs, expand=_pairs, pin_memory=pin_memory)
+        return
+    yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers, to_item=_pair_sample,
+                                                collate=_collate_pairs, expand=_pairs, pin_memory=pin_memory),
                         "image-caption pairs", shard_dir, split, batch_size, seed)
 
 

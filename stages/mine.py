@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 from typing_extensions import Annotated
 
+from stages import shards
 from stages.atomic import atomic_path, staged_dir
 from stages.cli import StageError, run_stage
 from stages.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
@@ -47,12 +48,12 @@ class MineConfig:
 
 
 def mine(query_features: torch.Tensor, target_index: torch.Tensor, gallery_features: torch.Tensor,
-         cfg: MineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+         cfg: MineConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores Q x k, gallery indices Q x k) of the nearest non-target gallery images."""
     if cfg.k >= gallery_features.shape[0]:
         raise StageError(f"mine.k={cfg.k} must be smaller than the train gallery ({gallery_features.shape[0]} images)")
     return chunked_topk(query_features, gallery_features, cfg.k, exclude=target_index[:, None],
-                        query_chunk=cfg.query_chunk, gallery_chunk=cfg.gallery_chunk)
+                        query_chunk=cfg.query_chunk, gallery_chunk=cfg.gallery_chunk, device=device)
 
 
 def to_table(query_ids: list[str], gallery_ids: list[str], scores: torch.Tensor, indices: torch.Tensor) -> pa.Table:
@@ -80,7 +81,7 @@ def read_negatives(path: Path) -> dict[str, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     cfg = load(MineConfig, "mine")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise StageError(f"{args.shards}: train target {missing[0]!r} is not in the train gallery shards")
     targets = torch.tensor([position[r["target_id"]] for r in records])
-    scores, indices = mine(features["composed"], targets, gallery, cfg)
+    scores, indices = mine(features["composed"], targets, gallery, cfg, device)
     with staged_dir(args.out) as work, atomic_path(work / NEGATIVES_FILE) as tmp:
         pq.write_table(to_table([r["query_id"] for r in records], gallery_ids, scores, indices), tmp)
     seconds = time.time() - began

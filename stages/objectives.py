@@ -15,6 +15,7 @@ Image-text matching (model dual_encoder):
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
@@ -29,6 +30,7 @@ from models.ga import adversarial_penalty, isotropic_gradient_noise
 from models.losses import batch_based_classification, soft_triplet
 from models.matching_losses import same_image_mask, vse_max_violation
 from models.val import VAL, val_loss
+from stages.distributed import across_ranks, gather_objects
 from stages.modeling import MATCHING_MODELS, ModelName, as_vector
 from stages.params import PARAMS_FILE, ParamsError, require, section
 from stages.training import autocast, to_device
@@ -128,19 +130,27 @@ def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, dev
             query, target = model.compose(reference, text), model.encode_image(targets)
     logs: dict[str, float] = {}
     q_hat, t_hat = model.normalize(as_vector(query)), model.normalize(as_vector(target))
+    # in-batch losses over the global batch when training on several processes (stages.distributed)
     if cfg.name == "val_matching":
-        loss = val_loss([q.float() for q in query], [t.float() for t in target], cfg.val_margin, True,
-                        cfg.val_semi_hard_mode)
+        loss = across_ranks(lambda qs, ts: val_loss(qs, ts, cfg.val_margin, True, cfg.val_semi_hard_mode),
+                            [q.float() for q in query], [t.float() for t in target])
     elif cfg.name == "amc":
-        loss, terms = amc_loss([p.float() for p in pooled], target.float(), cfg.amc_sim_weight, cfg.amc_scale)
+        terms = {}
+
+        def amc(layers, target):
+            loss, parts = amc_loss(layers, target, cfg.amc_sim_weight, cfg.amc_scale)
+            terms.update(parts)
+            return loss
+
+        loss = across_ranks(amc, [p.float() for p in pooled], target.float())
         logs.update({f"amc_{k}": v.item() for k, v in terms.items()})
     else:
-        loss = metric_loss(cfg, q_hat, t_hat)
+        loss = across_ranks(partial(metric_loss, cfg), q_hat, t_hat)
     if isinstance(model, ComposeAE):
         logs["main_loss"] = loss.item()
         with autocast(device):
             aux = model.auxiliary_losses(reference, text, query, model.encode_image(targets),
-                                         lambda q, t: metric_loss(cfg, q, t))
+                                         lambda q, t: across_ranks(partial(metric_loss, cfg), q, t))
         w = cfg.composeae_weights
         loss = (w[0] * loss + w[1] * aux["reconstruction_image"].float() + w[2] * aux["reconstruction_text"].float()
                 + w[3] * aux["rotational_symmetry"].float())
@@ -153,16 +163,17 @@ def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, dev
 def matching_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, device: torch.device):
     """(loss, logs) of one batch of (image, caption) pairs; pairs of one image are not each other's negatives."""
     tokens, lengths = tokenizer.batch(batch["text"])
-    ids = {image_id: i for i, image_id in enumerate(dict.fromkeys(batch["image_id"]))}
-    image_ids = torch.tensor([ids[i] for i in batch["image_id"]], device=device)
+    names = gather_objects(list(batch["image_id"]))  # every rank's, when training on several processes
+    ids = {image_id: i for i, image_id in enumerate(dict.fromkeys(names))}
+    image_ids = torch.tensor([ids[i] for i in names], device=device)
     with autocast(device):
         v = model.encode_image(to_device(batch["image"], device)).float()
         u = model.encode_text(tokens.to(device), lengths.to(device)).float()
     if cfg.name == "vse":
-        return vse_max_violation(v @ u.T, cfg.vse_margin, same_image_mask(image_ids)), {}
+        return across_ranks(lambda v, u: vse_max_violation(v @ u.T, cfg.vse_margin, same_image_mask(image_ids)), v, u), {}
     symmetric = cfg.name == "info_nce"
     logs = {"temperature": 1 / model.logit_scale.exp().item()} if symmetric else {}
-    return model.loss(v, u, image_ids, cfg.nce_tau, symmetric), logs
+    return across_ranks(lambda v, u: model.loss(v, u, image_ids, cfg.nce_tau, symmetric), v, u), logs
 
 
 def check_ga_task(ga: GAConfig, task: str) -> None:
@@ -179,6 +190,8 @@ def with_ga(loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]
     def step(model, batch):
         batch = {**batch, "ref": batch["ref"].clone().requires_grad_(True)}
         loss, logs = loss_fn(model, batch)
+        # on W processes the loss is over the global batch W·B and its gradient is already scaled by W
+        # (stages.distributed.across_ranks), so this rank's B gives the paper's global-batch B·∇L
         penalty = adversarial_penalty(loss, batch["ref"], batch["ref"].shape[0], ga.adversarial_lambda, ga.adversarial_q)
         return loss + penalty, {**logs, "ga_adversarial": penalty.item()}
 

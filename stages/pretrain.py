@@ -6,10 +6,11 @@ python -m stages.pretrain --shards data/shards --vocab data/vocab --out data/pre
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from stages import shards
-from stages.atomic import staged_dir, write_json
+from stages import distributed, shards
+from stages.atomic import write_json
 from stages.cli import run_stage
 from stages.loaders import decode_image, matching_batches, training_batches
 from stages.modeling import ModelConfig, build_model, save_model
@@ -17,7 +18,8 @@ from stages.objectives import (GAConfig, LossConfig, check_ga_task, isotropic_no
                                with_ga)
 from stages.params import load, read_task
 from stages.text import training_text
-from stages.training import LoopConfig, file_digest, fingerprint, fit, pick_device, place_model, seed_everything
+from stages.training import (LoopConfig, compile_model, fingerprint, fit, output_dir, pick_device, place_model,
+                             seed_everything)
 
 
 def image_size_of(shard_dir: Path, split: str) -> int:
@@ -27,12 +29,15 @@ def image_size_of(shard_dir: Path, split: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
     parser.add_argument("--vocab", type=Path, required=True, help="the `vocabulary` stage's folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     model_cfg, cfg = load(ModelConfig, "model"), load(LoopConfig, "pretrain")
+    if (code := distributed.relaunch_under_torchrun(cfg.distributed, "stages.pretrain", argv)) is not None:
+        sys.exit(code)
     loss_cfg, ga, task = load(LossConfig, "loss"), load(GAConfig, "ga"), read_task()
     model_cfg.check_task(task)
     loss_cfg.check_model(model_cfg.name, cfg.batch_size, "pretrain")
@@ -42,8 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(cfg.seed)
     tokenizer, word_vectors = training_text(model_cfg.text.encoder, args.vocab)
     image_size = image_size_of(args.shards, "train")
-    device = pick_device(cfg.device)
+    world = distributed.world_from_env()
+    device = distributed.start(world, cfg.distributed, pick_device(cfg.device))
+    batch_size = distributed.local_batch(cfg.batch_size, "pretrain")
     model = place_model(build_model(model_cfg, len(tokenizer), image_size, word_vectors=word_vectors), device)
+    if cfg.compile:
+        compile_model(model)
 
     def step(model, batch):
         if task == "matching":
@@ -51,17 +60,22 @@ def main(argv: list[str] | None = None) -> None:
         loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, device)
         return loss, logs
 
-    key = fingerprint(task, model_cfg, cfg, loss_cfg, ga, file_digest(args.shards / "index.json"),
+    key = fingerprint(task, model_cfg, cfg, loss_cfg, ga, shards.index_digest(args.shards),
                       tokenizer.state_dict())
-    with staged_dir(args.out, resume_key=key) as work:
+    with output_dir(args.out, key, world) as work:
         batches = (matching_batches if task == "matching" else training_batches)(
-            args.shards, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers)
+            args.shards, "train", batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers,
+            pin_memory=device.type == "cuda")
         summary = fit(model, batches, with_ga(step, ga), cfg, work, "pretrain", isotropic_noise(ga, cfg.seed))
-        if args.metrics:
-            write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda")})
-        save_model(work / "model.pt", model.cpu(), model_cfg, tokenizer.state_dict(), image_size)
+        if world.main:
+            if args.metrics:
+                write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})
+            save_model(work / "model.pt", model.cpu(), model_cfg, tokenizer.state_dict(), image_size)
+    distributed.stop()
+    if not world.main:
+        return
     print(f"pretrain: {model_cfg.name} ({loss_cfg.name}) {summary['steps']} steps in {summary['seconds']} s "
-          f"({summary['steps_per_s']} steps/s) on {device}, vocab {len(tokenizer)}, image {image_size}px "
+          f"({summary['steps_per_s']} steps/s) on {world.size} x {device}, vocab {len(tokenizer)}, image {image_size}px "
           f"-> {args.out / 'model.pt'}")
 
 

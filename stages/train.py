@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,8 +21,8 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from models.losses import offline_negative_hinge
-from stages import shards
-from stages.atomic import staged_dir, write_json
+from stages import distributed, shards
+from stages.atomic import write_json
 from stages.cli import StageError, run_stage
 from stages.loaders import decode_image, matching_batches, training_batches
 from stages.aoq import AOQNegatives, aoq_batch_loss
@@ -30,10 +31,10 @@ from stages.mine import CANDIDATES_FILE, NEGATIVES_FILE, read_negatives
 from stages.modeling import as_vector, load_model, save_model
 from stages.objectives import (GAConfig, LossConfig, check_ga_task, isotropic_noise, matching_loss, training_loss,
                                with_ga)
-from stages.params import load, read_task, section
+from stages.params import PARAMS_FILE, ParamsError, load, read_task, section
 from stages.text import tokenizer_from_state
-from stages.training import (LoopConfig, autocast, file_digest, fingerprint, fit, pick_device, place_model,
-                             seed_everything, to_device)
+from stages.training import (LoopConfig, autocast, compile_model, file_digest, fingerprint, fit, output_dir, pick_device,
+                             place_model, seed_everything, to_device)
 
 
 @section
@@ -69,23 +70,33 @@ class NegativeSampler:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", type=Path, required=True, help="pretrained checkpoint")
-    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
     parser.add_argument("--mined", type=Path, required=True, help="the `mine` stage's folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     cfg, loss_cfg, ga, task = load(TrainConfig, "train"), load(LossConfig, "loss"), load(GAConfig, "ga"), read_task()
     check_ga_task(ga, task)
+    if cfg.siam_steps and cfg.distributed.nproc_per_node > 1:
+        raise ParamsError(f"{PARAMS_FILE}: train.siam_steps: SIAM trains in one process; "
+                          "set train.distributed.nproc_per_node to 1 or train.siam_steps to 0")
+    if (code := distributed.relaunch_under_torchrun(cfg.distributed, "stages.train", argv)) is not None:
+        sys.exit(code)
 
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    world = distributed.world_from_env()
+    device = distributed.start(world, cfg.distributed, pick_device(cfg.device))
     model, model_cfg, text_state, image_size = load_model(args.init)
     model_cfg.check_task(task)
     loss_cfg.check_model(model_cfg.name, cfg.batch_size, "train")
     model, tokenizer = place_model(model, device), tokenizer_from_state(text_state)
+    if cfg.compile:
+        compile_model(model)
     mined = args.mined / (CANDIDATES_FILE if task == "matching" else NEGATIVES_FILE)
     if task == "matching":
-        return train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device)
+        train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device, world)
+        return distributed.stop()
     sampler = None
     if cfg.offline_negatives:
         images = {image_id: data for image_id, _, data in shards.iter_gallery(args.shards, "train")}
@@ -104,19 +115,25 @@ def main(argv: list[str] | None = None) -> None:
             logs["negatives_hinge"] = hinge.item()
         return loss, logs
 
-    key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined), file_digest(args.shards / "index.json"))
-    with staged_dir(args.out, resume_key=key) as work:
-        batches = training_batches(args.shards, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers)
+    key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined), shards.index_digest(args.shards))
+    with output_dir(args.out, key, world) as work:
+        batches = training_batches(args.shards, "train", distributed.local_batch(cfg.batch_size, "train"),
+                                   cfg.shuffle_buffer, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
         summary = fit(model, batches, with_ga(step, ga), cfg, work, "train", isotropic_noise(ga, cfg.seed))
-        if args.metrics:
-            write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda")})
-        save_model(work / "model.pt", model.cpu(), model_cfg, text_state, image_size)
+        if world.main:
+            if args.metrics:
+                write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})
+            save_model(work / "model.pt", model.cpu(), model_cfg, text_state, image_size)
+    distributed.stop()
+    if not world.main:
+        return
     negatives = f"{cfg.negatives_per_query} mined negatives/query" if sampler else "no mined negatives"
     print(f"train: {summary['steps']} steps in {summary['seconds']} s ({summary['steps_per_s']} steps/s) "
           f"on {device}, {negatives} -> {args.out / 'model.pt'}")
 
 
-def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device):
+def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device,
+                   world):
     negatives = AOQNegatives(mined, args.shards, cfg.aoq_candidate_range, cfg.seed) if cfg.offline_negatives else None
 
     def step(model, batch):
@@ -125,20 +142,23 @@ def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, los
         return matching_loss(model, loss_cfg, tokenizer, batch, device)
 
     key = fingerprint("matching", cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined),
-                      file_digest(args.shards / "index.json"))
-    with staged_dir(args.out, resume_key=key) as work:
+                      shards.index_digest(args.shards))
+    with output_dir(args.out, key, world) as work:
         if (work / "model.pt").is_file():  # a crash during SIAM training: the dual encoder is done
             model.load_state_dict(torch.load(work / "model.pt", map_location=device, weights_only=False)["model"])
             summary = json.loads((work / "summary.json").read_text())
         else:
-            batches = matching_batches(args.shards, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers)
+            batches = matching_batches(args.shards, "train", distributed.local_batch(cfg.batch_size, "train"),
+                                       cfg.shuffle_buffer, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
             summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed))
+            if not world.main:
+                return
             write_json(work / "summary.json", summary)
             save_model(work / "model.pt", model, model_cfg, text_state, image_size)
         if cfg.siam_steps:
             summary["siam_seconds"] = train_siam(model, tokenizer, image_size, cfg, loss_cfg, args.shards, work, device)
         if args.metrics:
-            write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda")})
+            write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})
     loss = f"AOQ {loss_cfg.aoq_variant} (offline range {cfg.aoq_candidate_range})" if negatives else loss_cfg.name
     siam = f", SIAM {cfg.siam_steps} steps" if cfg.siam_steps else ""
     print(f"train: matching, {loss}, {summary['steps']} steps in {summary['seconds']} s "

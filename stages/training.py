@@ -22,8 +22,12 @@ from pydantic import Field
 from tqdm import tqdm
 from typing_extensions import Annotated
 
+from torch.nn.parallel import DistributedDataParallel
+
 from models.amc import EMA
-from stages.atomic import atomic_path
+from stages import distributed
+from stages.atomic import atomic_path, partial_dir, staged_dir
+from stages.distributed import DistributedConfig
 from stages.params import require, section
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -48,6 +52,8 @@ class LoopConfig:
     device: DeviceName
     checkpoint_every: PositiveInt
     log_every: PositiveInt
+    distributed: DistributedConfig  # processes (torchrun); batch_size is the global batch
+    compile: bool  # torch.compile each part of the model (encoders, composition): slower start, faster steps
 
     def __post_init__(self):
         require(self.ema_as_released_every == 0 or self.ema_decay > 0, "ema_as_released_every",
@@ -79,6 +85,18 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
+def compile_model(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """torch.compile every part of the model in place (through ModuleList / ModuleDict, which are never
+    called). The models are called through encode_* and compose, which never run the model's own forward,
+    so compiling the top module would do nothing."""
+    for child in model.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            compile_model(child, **options)
+        else:
+            child.compile(**options)
+    return model
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -107,6 +125,12 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig):
     return optimizer, scheduler
 
 
+def output_dir(out: Path, key: str, world: distributed.World):
+    """A training stage's resumable output directory (stages.atomic.staged_dir); on several processes only
+    rank 0 writes (output, checkpoints, logs, metrics), the others are handed the same path."""
+    return staged_dir(out, resume_key=key) if world.main else contextlib.nullcontext(partial_dir(out, key))
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, extra: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), **extra}, tmp)
@@ -119,6 +143,29 @@ def forget_logs_after(live_dir: Path, step: int) -> None:
         kept = [row for row in rows if int(row.split("\t")[0]) <= step]
         with atomic_path(tsv) as tmp:
             tmp.write_text("\n".join([header, *kept]) + "\n")
+
+
+class _Step(torch.nn.Module):
+    """The step function as a module's forward, so that DistributedDataParallel sees the forward pass
+    (the models are called through encode_*/compose, not through their own forward)."""
+
+    def __init__(self, model: torch.nn.Module, step_fn):
+        super().__init__()
+        self.model, self.step_fn = model, step_fn
+
+    def forward(self, batch: dict):
+        return self.step_fn(self.model, batch)
+
+
+def data_parallel(model: torch.nn.Module, step_fn) -> Callable[[dict], tuple[torch.Tensor, dict[str, float]]]:
+    """batch -> (loss, logs); on several processes the gradients are averaged over them by DDP."""
+    if distributed.size() == 1:
+        return lambda batch: step_fn(model, batch)
+    device = next(model.parameters()).device
+    # find_unused_parameters: a model may leave parts unused in a step (e.g. a loss that skips a decoder)
+    ddp = DistributedDataParallel(_Step(model, step_fn), device_ids=[device] if device.type == "cuda" else None,
+                                  find_unused_parameters=True)
+    return ddp
 
 
 def fit(
@@ -137,10 +184,13 @@ def fit(
     """
     optimizer, scheduler = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     resume_file = work_dir / "resume.pt"
     start = 0
-    if resume_file.exists():
-        state = torch.load(resume_file, map_location="cpu", weights_only=False)
+    # rank 0 reads the checkpoint and hands it to the others: it resumes on any number of processes
+    state = torch.load(resume_file, map_location="cpu", weights_only=False) if main and resume_file.exists() else None
+    state = distributed.broadcast(state)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -148,16 +198,19 @@ def fit(
             ema.shadow = {k: v.to(next(model.parameters()).device) for k, v in state["ema"].items()}
         torch.set_rng_state(state["rng"])
         start = state["step"]
-        forget_logs_after(work_dir / "live", start)
-        print(f"{name}: resuming at step {start} from {resume_file}")
-    live = Live(dir=str(work_dir / "live"), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None)
+        if main:
+            forget_logs_after(work_dir / "live", start)
+            print(f"{name}: resuming at step {start} from {resume_file}")
+    live = Live(dir=str(work_dir / "live"), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None) if main else None
     model.train()
-    began, loss_sum, loss_count = time.time(), 0.0, 0
-    progress = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps, mininterval=2)
+    step_once = data_parallel(model, step_fn)
+    # the running loss stays on the device and is read at log and checkpoint steps only: reading it
+    # every step would make the host wait for the GPU each step
+    device = next(model.parameters()).device
+    began, loss_sum, loss_count = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0
+    progress = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps, mininterval=2, disable=not main)
     for step in progress:
-        loss, logs = step_fn(model, next(batches))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: loss became {loss.item()} at step {step} (lower the learning rate?)")
+        loss, logs = step_once(next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
@@ -169,26 +222,36 @@ def fit(
             if cfg.ema_as_released_every and (step + 1) % cfg.ema_as_released_every == 0:
                 ema.apply_shadow()  # and never restore(): the release's per-epoch behaviour
                 ema.backup = {}
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            live.step = step + 1
-            live.log_metric("loss", loss_sum / loss_count)
-            live.log_metric("lr", optimizer.param_groups[0]["lr"])
-            for key, value in logs.items():
-                live.log_metric(key, value)
-            live.next_step()
-            progress.set_postfix(loss=f"{loss_sum / loss_count:.3f}")
-            loss_sum, loss_count = 0.0, 0
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        loss_sum, loss_count = loss_sum + loss.detach().double(), loss_count + 1
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+        if not (log_now or checkpoint_now):
+            continue
+        if not torch.isfinite(loss_sum):  # before a checkpoint or the saved model can hold it
+            raise FloatingPointError(f"{name}: loss became {loss_sum.item()} by step {step + 1} "
+                                     f"(checked every log_every / checkpoint_every steps; lower the learning rate?)")
+        if log_now:
+            mean_loss = distributed.mean_over_ranks(loss_sum.item() / loss_count)
+            if main:
+                live.step = step + 1
+                live.log_metric("loss", mean_loss)
+                live.log_metric("lr", optimizer.param_groups[0]["lr"])
+                for key, value in logs.items():
+                    live.log_metric(key, value)
+                live.next_step()
+                progress.set_postfix(loss=f"{mean_loss:.3f}")
+            loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+        if main and checkpoint_now:
             with atomic_path(resume_file) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
                             "ema": ema.shadow if ema is not None else None}, tmp)
-    live.end()
+    if main:
+        live.end()
     if ema is not None:  # the averaged weights are the model that is saved and evaluated
         ema.apply_shadow()
         ema.backup = {}
-    if resume_file.exists():
+    if main and resume_file.exists():
         resume_file.unlink()
     seconds = time.time() - began
     return {"steps": cfg.steps - start, "seconds": round(seconds, 1),

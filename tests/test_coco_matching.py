@@ -60,7 +60,8 @@ def matching_params(raw) -> dict:
                                      download_images=False, restval_as_train=True,
                                      captions_per_image=CAPTIONS_PER_IMAGE, on_missing="drop", expect_full=False,
                                      folds=FOLDS)
-    params["resize"].update(size=32, workers=1)
+    params["resize"].update(size=32)
+    params["parallel"].update(workers=1)
     params["vocabulary"].update(texts="captions", split="train", glove_path=None)
     params["model"].update(copy.deepcopy(TINY_MODEL))
     params["loss"]["name"] = "info_nce"

@@ -38,7 +38,7 @@ def fashioniq_shards(web, tmp_path_factory):  # noqa: F811
         mp.chdir(root)
         prepare(root / "prepared")
     run_resize(root / "prepared", root / "resized", parse(ResizeConfig, "resize", dict(
-        size=32, mode="pad", pad_value=255, format="jpeg", jpeg_quality=90, workers=1)))
+        size=32, mode="pad", pad_value=255, format="jpeg", jpeg_quality=90)))
     run_shard(root / "resized", root / "shards", parse(ShardConfig, "shard", dict(maxcount=25, maxsize=10**8)))
     shards.verify(root / "shards")
     return root / "shards"

@@ -7,7 +7,8 @@ from stages.params import parse
 from stages.training import LoopConfig, fit
 
 LOOP = dict(seed=0, steps=6, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, lr_decay_every=3,
-            lr_decay=0.5, optimizer="sgd", ema_decay=0.0, ema_as_released_every=0, shuffle_buffer=0, workers=0, device="cpu", checkpoint_every=2, log_every=1)
+            lr_decay=0.5, optimizer="sgd", ema_decay=0.0, ema_as_released_every=0, shuffle_buffer=0, workers=0, device="cpu", checkpoint_every=2, log_every=1,
+            compile=False, distributed={"nproc_per_node": 1, "backend": "auto"})
 
 
 def batches(start: int = 0):
@@ -53,5 +54,26 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_where_an_unbroken_on
 def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
     cfg = parse(LoopConfig, "pretrain", LOOP)
     nan_step = lambda model, batch: (model(batch["x"]).sum() * float("nan"), {})
-    with pytest.raises(FloatingPointError, match="loss became nan at step 0"):
+    with pytest.raises(FloatingPointError, match="loss became nan by step 1"):
         fit(fresh_model(), batches(), nan_step, cfg, tmp_path, "test")
+
+
+def test_compile_model_compiles_every_part_and_keeps_the_outputs_and_weights():
+    from stages.modeling import ModelConfig, build_model
+    from stages.training import compile_model
+    from tiny_repo import model_params
+
+    cfg = parse(ModelConfig, "model", model_params(embed_dim=16, image={"channels": [8, 16]},
+                                                   text={"embed_dim": 8, "hidden_dim": 8, "dropout": 0.0}))
+    torch.manual_seed(0)
+    model = build_model(cfg, 20, 32).eval()
+    images, tokens, lengths = torch.randn(2, 3, 32, 32), torch.randint(1, 20, (2, 5)), torch.tensor([5, 3])
+    with torch.no_grad():
+        before = model.compose(model.encode_reference(images), model.encode_text(tokens, lengths))
+        keys = list(model.state_dict())
+        compile_model(model, backend="eager")  # the real inductor backend needs minutes on this CPU
+        assert all(child._compiled_call_impl is not None for child in model.children()
+                   if not isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)))
+        after = model.compose(model.encode_reference(images), model.encode_text(tokens, lengths))
+    assert list(model.state_dict()) == keys  # checkpoints stay loadable without torch.compile
+    torch.testing.assert_close(after, before)
