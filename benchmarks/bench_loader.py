@@ -3,7 +3,7 @@
     python benchmarks/bench_loader.py [--batches N] [--workers 1 2] [--steps 20] [--batch B] [--reuse DIR]
 
 Side A reads the train query shards through stages.loaders.training_batches (WebDataset: shard shuffle,
-json decode, sample shuffle with pretrain.shuffle_buffer, PNG decode + normalise, batches; a WebLoader with
+json decode, sample shuffle with pretrain.shuffle_buffer, PNG decode + normalise, batches; a DataLoader with
 `workers` processes), as `pretrain` does. Side B is what baseline research code would write: a
 torch.utils.data.Dataset over the resized folder + queries.parquet (one query = open the reference file and
 the target file with PIL, the same normalisation as stages.loaders.decode_image) in a

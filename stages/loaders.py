@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -83,7 +84,7 @@ def _epoch_loader(urls: dict[str, int], batch_size: int, shuffle_buffer: int, se
         .map(to_item)
         .batched(batch_size, collation_fn=collate, partial=False)
     )
-    return wds.WebLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)), pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)), pin_memory=pin_memory)
 
 
 def _resampled_loader(urls: list[str], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
@@ -97,14 +98,27 @@ def _resampled_loader(urls: list[str], batch_size: int, shuffle_buffer: int, see
         steps.append(expand)
     steps += [wds.shuffle(shuffle_buffer, seed=seed), wds.map(to_item),
               wds.batched(batch_size, collation_fn=collate, partial=False)]
-    return wds.WebLoader(wds.DataPipeline(*steps), batch_size=None, num_workers=workers, pin_memory=pin_memory)
+    return DataLoader(wds.DataPipeline(*steps), batch_size=None, num_workers=workers, pin_memory=pin_memory)
+
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches; when one fails (e.g. a missing shard in a worker), its worker processes are
+    stopped before the error goes on: the traceback keeps the iterator alive, and a worker exiting later
+    would raise from torch's SIGCHLD handler in whatever code runs then."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    except BaseException:
+        if hasattr(iterator, "_shutdown_workers"):  # a multi-process iterator (torch's own clean-up)
+            iterator._shutdown_workers()
+        raise
 
 
 def _endless(epoch_loader, what: str, shard_dir: Path, split: str, batch_size: int, seed: int) -> Iterator[dict]:
     """Batches of epoch_loader(seed + epoch) for epoch 0, 1, ...; an epoch without a batch is an error."""
     for epoch in itertools.count():
         yielded = False
-        for batch in epoch_loader(seed + epoch):
+        for batch in _batches(epoch_loader(seed + epoch)):
             yielded = True
             yield batch
         if not yielded:
@@ -120,7 +134,8 @@ def training_batches(
     pin_memory: batches in page-locked memory, for non-blocking copies to the GPU."""
     urls = shards.shard_counts(shard_dir, split, "queries")
     if distributed.size() > 1:
-        yield from _resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers, pin_memory=pin_memory)
+        yield from _batches(_resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers,
+                                              pin_memory=pin_memory))
         return
     yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers, pin_memory=pin_memory),
                         "queries", shard_dir, split, batch_size, seed)
@@ -137,8 +152,9 @@ def matching_batches(
     processes (stages.distributed) each rank gets `batch_size` pairs per batch from resampled shards."""
     urls = shards.shard_counts(shard_dir, split, "gallery")
     if distributed.size() > 1:
-        yield from _resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers, to_item=_pair_sample,
-                                     collate=_collate_pairs, expand=_pairs, pin_memory=pin_memory)
+        yield from _batches(_resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers,
+                                              to_item=_pair_sample, collate=_collate_pairs, expand=_pairs,
+                                              pin_memory=pin_memory))
         return
     yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers, to_item=_pair_sample,
                                                 collate=_collate_pairs, expand=_pairs, pin_memory=pin_memory),
