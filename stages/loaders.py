@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -109,9 +110,20 @@ def _batches(loader: DataLoader) -> Iterator[dict]:
     try:
         yield from iterator
     except BaseException:
-        if hasattr(iterator, "_shutdown_workers"):  # a multi-process iterator (torch's own clean-up)
-            iterator._shutdown_workers()
+        _stop_workers(iterator)
         raise
+
+
+def _stop_workers(iterator) -> None:
+    """torch's own clean-up of a multi-process DataLoader iterator (private API), with its workers first
+    taken off torch's SIGCHLD watch: a worker that failed on a shard can exit with code 1 while it is joined
+    (seen in the full test suite), which the watch would raise as a second error over the first."""
+    if not hasattr(iterator, "_shutdown_workers"):  # workers=0: nothing to stop
+        return
+    if getattr(iterator, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    iterator._shutdown_workers()
 
 
 def _endless(epoch_loader, what: str, shard_dir: Path, split: str, batch_size: int, seed: int) -> Iterator[dict]:
