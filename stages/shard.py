@@ -60,17 +60,18 @@ class Summary:
 
 
 def gallery_samples(images: list[dict[str, str]], input_dir: Path,
-                    captions_of: dict[str, list[dict[str, str]]] | None):
+                    captions_of: dict[str, list[dict[str, str]]] | None, read=Path.read_bytes):
     """`captions_of`: image_id -> its captions as {caption_id, text}; None = each image's own caption."""
     for sample_key, image in zip(shards.unique_keys(i["image_id"] for i in images), images):
         own = None if captions_of is None else captions_of[image["image_id"]]
-        yield shards.gallery_sample(sample_key, image["image_id"], image["caption"], input_dir / image["path"], own)
+        yield shards.gallery_sample(sample_key, image["image_id"], image["caption"], input_dir / image["path"], own,
+                                    read)
 
 
-def query_samples(queries: list[dict[str, str]], path_of: dict[str, str], input_dir: Path):
+def query_samples(queries: list[dict[str, str]], path_of: dict[str, str], input_dir: Path, read=Path.read_bytes):
     for sample_key, query in zip(shards.unique_keys(q["query_id"] for q in queries), queries):
         reference, target = input_dir / path_of[query["reference_id"]], input_dir / path_of[query["target_id"]]
-        yield shards.query_sample(sample_key, query, reference, target)
+        yield shards.query_sample(sample_key, query, reference, target, read)
 
 
 def rows_by_split(table: pa.Table, splits: list[str]) -> dict[str, list[dict[str, str]]]:
@@ -98,19 +99,15 @@ class ImageFile:
     path: Path
     size: int
 
+    @classmethod
+    def stat(cls, path: Path) -> ImageFile:
+        return cls(Path(path), os.stat(path).st_size)
+
     def read(self) -> bytes:
         data = self.path.read_bytes()
         if len(data) != self.size:
             raise StageError(f"{self.path}: changed while the shards were written ({self.size} -> {len(data)} bytes)")
         return data
-
-
-class DeferredPath(type(Path())):
-    """A path whose read_bytes() only stats the file: the sample builders of stages.shards then give a
-    sample whose image members are ImageFiles."""
-
-    def read_bytes(self) -> ImageFile:  # type: ignore[override]
-        return ImageFile(Path(self), os.stat(self).st_size)
 
 
 @dataclass(frozen=True)
@@ -167,9 +164,10 @@ def plan_split(work: Path, split: str, images: list[dict[str, str]], queries: li
                path_of: dict[str, str], input_dir: Path, cfg: ShardConfig,
                captions_of: dict[str, list[dict[str, str]]] | None = None) -> dict[str, list[ShardJob]]:
     """The gallery and query shards of one split, planned: kind -> its shards in order."""
-    deferred, work = DeferredPath(input_dir.absolute()), work.absolute()  # workers elsewhere need no cwd
-    samples = {"gallery": gallery_samples(images, deferred, captions_of),
-               "queries": query_samples(queries, path_of, deferred)}
+    input_dir, work = input_dir.absolute(), work.absolute()  # workers elsewhere need no cwd
+    # image members as ImageFiles (stat only): their bytes are read by the worker that writes the shard
+    samples = {"gallery": gallery_samples(images, input_dir, captions_of, ImageFile.stat),
+               "queries": query_samples(queries, path_of, input_dir, ImageFile.stat)}
     return {kind: [ShardJob(work, split, kind, number, planned)
                    for number, planned in enumerate(plan_shards(samples[kind], cfg.maxcount, cfg.maxsize))]
             for kind in shards.KINDS}

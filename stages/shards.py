@@ -103,13 +103,15 @@ def single_caption(image_id: str, caption: str) -> list[dict[str, str]]:
 
 
 def gallery_sample(sample_key: str, image_id: str, caption: str, image_path: Path,
-                   captions: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """`captions`: every caption of the image as {caption_id, text}; None = the one `caption`."""
+                   captions: list[dict[str, str]] | None = None,
+                   read: Callable[[Path], Any] = Path.read_bytes) -> dict[str, Any]:
+    """`captions`: every caption of the image as {caption_id, text}; None = the one `caption`.
+    `read`: what an image member holds (its bytes; the shard stage plans with a stand-in first)."""
     if captions is None:
         captions = single_caption(image_id, caption)
     return {
         "__key__": sample_key,
-        image_extension(image_path): image_path.read_bytes(),
+        image_extension(image_path): read(image_path),
         "json": _json_bytes({"image_id": image_id, "caption": caption, "captions": captions}),
     }
 
@@ -121,11 +123,12 @@ def sample_captions(meta: dict[str, Any]) -> list[dict[str, str]]:
     return single_caption(meta["image_id"], meta["caption"])
 
 
-def query_sample(sample_key: str, query: dict[str, str], reference_path: Path, target_path: Path) -> dict[str, Any]:
+def query_sample(sample_key: str, query: dict[str, str], reference_path: Path, target_path: Path,
+                 read: Callable[[Path], Any] = Path.read_bytes) -> dict[str, Any]:
     return {
         "__key__": sample_key,
-        f"ref.{image_extension(reference_path)}": reference_path.read_bytes(),
-        f"tgt.{image_extension(target_path)}": target_path.read_bytes(),
+        f"ref.{image_extension(reference_path)}": read(reference_path),
+        f"tgt.{image_extension(target_path)}": read(target_path),
         "json": _json_bytes({k: query[k] for k in ("query_id", "reference_id", "target_id", "text")}),
     }
 
@@ -134,8 +137,9 @@ def query_sample(sample_key: str, query: dict[str, str], reference_path: Path, t
 
 
 def file_sha256(path: Path | str) -> str:
+    """sha256 (hex) of a local file or, streamed, of a URL's bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (_open_url(path) if is_url(path) else open(path, "rb")) as f:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
@@ -326,17 +330,6 @@ def read_folds(shard_dir: Path | str) -> dict[str, list[str]] | None:
     return None if entry is None else _parse_folds(_join(where, entry["file"]))
 
 
-def _url_sha256(url: str, what: str) -> str:
-    digest = hashlib.sha256()
-    try:
-        with _open_url(url) as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    except (OSError, ImportError, ValueError) as err:
-        raise StageError(f"{url}: {what} listed in {INDEX_FILE} is {_unreadable(err)}") from None
-    return digest.hexdigest()
-
-
 def verify(shard_dir: Path | str) -> None:
     """Recompute the sha256 of every shard (and of folds.json) and compare it with the index; raise
     naming the first bad file. For a URL location every file is downloaded (streamed) once."""
@@ -348,12 +341,10 @@ def verify(shard_dir: Path | str) -> None:
         checked.append((index["folds"], "file"))
     for entry, what in checked:
         path = _join(where, entry["file"])
-        if is_url(path):
-            digest = _url_sha256(path, what)
-        elif not path.is_file():
-            raise StageError(f"{path}: {what} listed in {INDEX_FILE} is missing")
-        else:
+        try:
             digest = file_sha256(path)
+        except (OSError, ImportError, ValueError) as err:  # ImportError: no s3fs etc.; ValueError: unknown protocol
+            raise StageError(f"{path}: {what} listed in {INDEX_FILE} is {_unreadable(err)}") from None
         if digest != entry["sha256"]:
             raise StageError(f"{path}: sha256 differs from {INDEX_FILE} (corrupt or modified {what})")
 
