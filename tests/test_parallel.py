@@ -1,5 +1,5 @@
-"""stages.parallel: prepare, resize and shard give the same bytes on a Prefect process pool, on a 2-worker
-local Dask cluster and on a running Dask scheduler as in one process; a failing item is named, never hangs."""
+"""stages.parallel: prepare, resize and shard give the same bytes on a process pool, on a 2-worker local Dask
+cluster (through Prefect) and on a running Dask scheduler as in one process; a failing item is named, never hangs."""
 from __future__ import annotations
 
 import json
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 # items_per_task: every Prefect task costs a few API calls (~0.1-0.4 s here); 64 still gives each stage
 # several tasks per worker on the tiny data (378 images, 17 shards)
 SERIAL = dict(runner="processes", workers=1, address=None, items_per_task=64)
+POOL = dict(runner="processes", workers=2, address=None, items_per_task=64)
 DASK_LOCAL = dict(runner="dask", workers=2, address=None, items_per_task=64)
 
 
@@ -169,13 +170,23 @@ def test_planned_shards_are_the_shards_shardwriter_writes(serial_run, tmp_path, 
     assert planned == tree(tmp_path / "stream")
 
 
-# --- Prefect task runners ---------------------------------------------------------------------------
+# --- the process pool (no Prefect) ---------------------------------------------------------------
 
 
-def test_process_pool_keeps_item_order(prefect_api):
+def test_process_pool_keeps_item_order():
     results = map_items(pid_of, range(12), config(workers=2, items_per_task=3), "pids")
     assert [x for x, _ in results] == list(range(12))
     assert os.getpid() not in {pid for _, pid in results}  # every item ran in a worker process
+
+
+def test_a_process_pool_writes_the_serial_bytes(serial_run, tmp_path):
+    """prepare, resize and shard on 2 processes (the default runner) == in one process."""
+    pool_run = run_stages(tmp_path, write_params(tmp_path / "params.yaml", POOL))
+    for stage in ("prepared", "resized", "shards"):
+        assert tree(pool_run[stage]) == tree(serial_run[stage]), stage
+
+
+# --- Dask through Prefect's task runner -------------------------------------------------------------
 
 
 def test_a_local_dask_cluster_writes_the_serial_bytes(prefect_api, serial_run, tmp_path):
@@ -200,7 +211,7 @@ def test_a_running_scheduler_named_by_address_is_used(prefect_api, serial_run, s
         assert tree(dask_run[stage]) == tree(serial_run[stage]), stage
 
 
-def test_a_failing_item_is_named_by_the_process_pool(prefect_api):
+def test_a_failing_item_is_named_by_the_process_pool():
     with pytest.raises(ValueError, match=r"math domain error") as error:
         map_items(math.sqrt, [4.0, 9.0, -1.0, 16.0, 25.0], config(workers=2, items_per_task=2), "roots")
     assert error.value.__notes__ == ["while running roots: item 3 of 5 (-1.0)"]
