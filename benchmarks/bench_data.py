@@ -31,11 +31,6 @@ from stages.vocab import Vocab
 from measure import Measurement, print_table  # benchmarks/measure.py (scripts run from benchmarks/)
 
 
-
-def rate(self) -> float:
-        return self.items / self.seconds
-
-
 def make_dataset(root: Path) -> Path:
     """The default dataset of params.yaml (`dataset` section), built as the `prepare` stage does."""
     prepare(root)
@@ -71,7 +66,7 @@ def bench_mine(shards: Path, size: int) -> list[Measurement]:
     model = build_model(load(ModelConfig, "model"), len(vocab), size).eval()
     device = torch.device("cpu")
     start = time.perf_counter()
-    gallery_ids, gallery = embed_gallery(model, shards, "train", cfg.batch_size, device)
+    gallery_ids, _, gallery = embed_gallery(model, shards, "train", cfg.batch_size, device)
     records, features = embed_queries(model, vocab, shards, "train", cfg.batch_size, device)
     embedded = time.perf_counter()
     position = {image_id: i for i, image_id in enumerate(gallery_ids)}

@@ -40,12 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from stages import manifest, shards
-from stages.loaders import IMAGENET_MEAN, IMAGENET_STD, training_batches
+from stages.loaders import decode_image, training_batches
 from stages.modeling import ModelConfig, build_model
 from stages.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
 from stages.parallel import ParallelConfig
@@ -106,15 +104,12 @@ class QueryFolder(Dataset):
         self.root = Path(resized)
         self.path_of = dict(zip(images.column("image_id").to_pylist(), images.column("path").to_pylist()))
         self.queries = [q for q in queries.to_pylist() if q["split"] == split]
-        self.transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self) -> int:
         return len(self.queries)
 
     def image(self, image_id: str) -> torch.Tensor:
-        with Image.open(self.root / self.path_of[image_id]) as img:
-            return self.transform(img.convert("RGB"))
+        return decode_image((self.root / self.path_of[image_id]).read_bytes())  # the loaders' normalisation
 
     def __getitem__(self, i: int) -> dict:
         q = self.queries[i]

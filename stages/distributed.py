@@ -25,7 +25,7 @@ import torch.distributed as dist
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages.params import section
+from stages.params import ParamsError, section
 
 
 @section
@@ -85,12 +85,14 @@ def size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def local_batch(batch_size: int, section_name: str) -> int:
     """This rank's share of the global batch."""
     world = size()
     if batch_size % world:
-        from stages.params import ParamsError
-
         raise ParamsError(f"{section_name}.batch_size={batch_size} is the global batch and must divide by the "
                           f"{world} processes")
     return batch_size // world

@@ -6,7 +6,7 @@ Reads the `dataset`, `download` and `parallel` sections of params.yaml: `dataset
 under stages/datasets/, `dataset.<name>` is that adapter's own params, `download` says how real
 datasets are fetched (workers, retries, timeouts) into their `raw_dir` under data/raw/, and `parallel`
 how an adapter that computes its images spreads the work (shapes renders its scenes through
-stages.parallel: Prefect processes or Dask workers). The output directory appears only once it is complete:
+stages.parallel: a process pool, or Dask workers through Prefect). The output directory appears only once it is complete:
 
     <out>/images/...        the image files
     <out>/images.parquet    image manifest (see stages.manifest)

@@ -3,7 +3,7 @@
     python -m stages.resize --input data/prepared --output data/resized
 
 Reads the `resize` and `parallel` sections of params.yaml: images are resized in parallel as
-`parallel` says (stages.parallel: Prefect processes or Dask workers, each writing its files). The
+`parallel` says (stages.parallel: a process pool, or Dask workers through Prefect, each writing its files). The
 output directory appears only once complete:
 
     <out>/images/...        the resized files: same relative names as the input, new extension
@@ -139,7 +139,7 @@ def decode_for_size(img: Image.Image, size: int, mode: str) -> Box:
     libjpeg downscale by 2, 4 or 8 in the DCT domain while decoding (a reduced IDCT gives 4x4, 2x2 or
     1x1 pixels per 8x8 block), so the IDCT, chroma upsampling and colour conversion, and then the resize
     in `square`, handle scale² fewer pixels: a 1024x768 photo for size 64 is decoded at 128x96. Entropy
-    decoding still reads every coefficient, so the decode alone gains only 1.3-2x on quality-90 photos;
+    decoding still reads every coefficient, so the decode alone gains only 1.2-2x on quality-90 photos;
     most of the saving is in the resize. Other formats ignore draft and are decoded in full.
     """
     full = (0, 0, *img.size)

@@ -184,7 +184,7 @@ def fit(
     """
     optimizer, scheduler = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    main = distributed.rank() == 0
     resume_file = work_dir / "resume.pt"
     start = 0
     # rank 0 reads the checkpoint and hands it to the others: it resumes on any number of processes
