@@ -3,8 +3,9 @@ a user would otherwise run, in one sitting, each side in its own process (so pea
 
     python benchmarks/bench_topk.py [--n 50000] [--dim 512] [--k 50] [--naive-n 10000] [--device cpu|cuda]
 
-Sides: `chunked` (stages.retrieval.chunked_topk, the pipeline's code path), `naive` (full Q x G matrix, then a
-per-row argsort, as research code does; at --naive-n because the full matrix is N² floats), scikit-learn
+Sides: `chunked` (stages.retrieval.chunked_topk, the pipeline's code path: oneDNN block products on the CPU),
+`naive` (full Q x G matrix, then a per-row argsort, as research code does; at --naive-n because the full
+matrix is N² floats), scikit-learn
 `NearestNeighbors(algorithm="brute", metric="cosine")`, and faiss-cpu `IndexFlatIP` (pip install -e '.[bench]').
 The machine's own matmul rate is measured first in the same script; GFLOP/s of a side = 2·Q·G·d / seconds.
 Vectors are random unit vectors (cosine = inner product); all sides must return the same neighbours.
@@ -34,12 +35,16 @@ def synchronize(device: str) -> None:
 
 def matmul_gflops(dim: int, device: str, seconds: float = 3.0) -> dict[str, float]:
     """The machine's float32 matmul rate on blocks the size chunked_topk uses, for each BLAS at hand:
-    torch's (MKL on x86) and, on the CPU, numpy's (OpenBLAS)."""
-    a, b = torch.randn(1024, dim, device=device), torch.randn(dim, 8192, device=device)
-    products = {"torch": lambda: a @ b}
+    torch's matmul (MKL on x86, cuBLAS on CUDA) and, on the CPU, numpy's (OpenBLAS) and oneDNN's inner
+    product (stages.retrieval.block_scores, what chunked_topk runs on the CPU)."""
+    from stages.retrieval import GALLERY_CHUNK, QUERY_CHUNK, block_scores
+
+    a, b = torch.randn(QUERY_CHUNK, dim, device=device), torch.randn(GALLERY_CHUNK, dim, device=device)
+    products = {"torch": lambda: a @ b.T}
     if device == "cpu":
         a_np, b_np = a.numpy(), b.numpy()
-        products["numpy"] = lambda: a_np @ b_np
+        products["numpy"] = lambda: a_np @ b_np.T
+        products["onednn"] = lambda: block_scores(a, b)
     rates = {}
     for name, product in products.items():
         product()
@@ -47,7 +52,7 @@ def matmul_gflops(dim: int, device: str, seconds: float = 3.0) -> dict[str, floa
         began, flops = time.perf_counter(), 0
         while time.perf_counter() - began < seconds:
             product()
-            flops += 2 * 1024 * dim * 8192
+            flops += 2 * QUERY_CHUNK * dim * GALLERY_CHUNK
         synchronize(device)
         rates[name] = flops / (time.perf_counter() - began) / 1e9
     return rates

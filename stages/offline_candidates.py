@@ -28,7 +28,7 @@ import torch
 from stages.atomic import atomic_path
 from stages.cli import StageError
 from stages.matching_metrics import check_pairing
-from stages.retrieval import chunked_topk
+from stages.retrieval import GALLERY_CHUNK, QUERY_CHUNK, block_scores, chunked_topk
 
 ARRAYS = ("i2t", "t2i", "image_ids", "caption_ids")
 
@@ -39,8 +39,8 @@ def mine_candidates(
     text_image: torch.Tensor,
     i2t_k: int,
     t2i_k: int,
-    query_chunk: int = 1024,
-    gallery_chunk: int = 8192,
+    query_chunk: int = QUERY_CHUNK,
+    gallery_chunk: int = GALLERY_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(i2t: n x i2t_k caption rows, t2i: m x t2i_k image rows), LongTensors, best first.
 
@@ -87,7 +87,7 @@ def _topk_lower_row_on_ties(queries, gallery, k, exclude, query_chunk, gallery_c
         per_batch = max(1, query_chunk * gallery_chunk // gallery.shape[0])
         for b0 in range(0, len(straddling), per_batch):
             which = straddling[b0 : b0 + per_batch]
-            full = torch.cat([queries[which].float() @ gallery[g0 : g0 + gallery_chunk].float().T
+            full = torch.cat([block_scores(queries[which].float(), gallery[g0 : g0 + gallery_chunk].float())
                               for g0 in range(0, gallery.shape[0], gallery_chunk)], dim=1)
             own = exclude[which]
             valid = own >= 0

@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from stages.retrieval import chunked_topk, recall_at_k
+from stages.retrieval import GALLERY_CHUNK, QUERY_CHUNK, chunked_topk, recall_at_k
 
 PROTOCOLS: tuple[str, ...] = ("target", "caption", "fashioniq_val_union", "fashioniq_clip4cir")
 FASHIONIQ_KS = [10, 50]
@@ -34,8 +34,8 @@ def score(
     records: list[dict],
     queries: torch.Tensor,
     ks: list[int],
-    query_chunk: int = 1024,
-    gallery_chunk: int = 8192,
+    query_chunk: int = QUERY_CHUNK,
+    gallery_chunk: int = GALLERY_CHUNK,
     device: torch.device | None = None,
 ) -> dict:
     """Recall@K in percent (2 decimals) of `queries` (row j described by records[j]) against `gallery`."""

@@ -12,17 +12,32 @@ import torch
 # instead of a full top-k over the block (benchmarks/bench_topk.py).
 GROUP = 64
 
+# 1024 x 2048 float32 = 8 MB: a block the CPU's caches hold while it is filtered (oneDNN's rate drops by a
+# third at 32 MB blocks on the project machine; benchmarks/bench_topk.py). On a GPU larger blocks pay.
+QUERY_CHUNK = 1024
+GALLERY_CHUNK = 2048
 
+
+def block_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """queries @ gallery.T in float32. On the CPU through oneDNN's inner product, the primitive
+    torch.compile's CPU backend uses for linear layers: about twice the rate of torch's MKL sgemm on the
+    project's AMD CPU, where MKL does not take its AVX-512 kernels. Elsewhere torch's matmul (cuBLAS)."""
+    if queries.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(queries.contiguous(), gallery.contiguous(), None, "none", [], "")
+    return queries @ gallery.T
+
+
+@torch.no_grad()
 def chunked_topk(
     queries: torch.Tensor,
     gallery: torch.Tensor,
     k: int,
     exclude: torch.Tensor | None = None,
-    query_chunk: int = 1024,
-    gallery_chunk: int = 8192,
+    query_chunk: int = QUERY_CHUNK,
+    gallery_chunk: int = GALLERY_CHUNK,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k gallery rows by dot product for every query row.
+    """Top-k gallery rows by dot product for every query row (no gradient).
 
     exclude: Q x m gallery indices that a query may not retrieve (-1 = padding), e.g. its own
     reference image (evaluation) or its target (mining).
@@ -33,7 +48,7 @@ def chunked_topk(
     if not 0 < k <= n_gallery:
         raise ValueError(f"k={k} must be in 1..{n_gallery} (the gallery size)")
     device = torch.device(device) if device is not None else queries.device
-    gallery = gallery.to(device)
+    gallery = gallery.to(device).float()
     best_scores = torch.empty(n_queries, k, dtype=torch.float32, device=queries.device)
     best_indices = torch.empty(n_queries, k, dtype=torch.long, device=queries.device)
     for q0 in range(0, n_queries, query_chunk):
@@ -41,7 +56,7 @@ def chunked_topk(
         run_scores = torch.empty((q.shape[0], 0), device=device)
         run_indices = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
         for g0 in range(0, n_gallery, gallery_chunk):
-            block = q @ gallery[g0 : g0 + gallery_chunk].float().T
+            block = block_scores(q, gallery[g0 : g0 + gallery_chunk])
             if exclude is not None:
                 _mask_excluded(block, exclude[q0 : q0 + query_chunk].to(device), g0)
             run_scores, run_indices = _merge(run_scores, run_indices, block, g0, k)
@@ -53,15 +68,17 @@ def chunked_topk(
 def _merge(run_scores, run_indices, block, g0: int, k: int):
     """The running top-k (R x k', k' <= k) merged with a block of scores (R x C) whose columns start at g0."""
     rows, width = block.shape
-    padded = torch.cat([block, block.new_full((rows, -width % GROUP), float("-inf"))], dim=1) if width % GROUP else block
-    grouped = padded.view(rows, -1, GROUP)
+    grouped = _pad_to_groups(block, GROUP)
     group_max = grouped.amax(dim=2)
-    # A lower bound on each row's new k-th best: its current k-th best, or, for the first block, the k-th
-    # largest group maximum (k groups reach it, so k scores do). Only groups reaching the bound can matter.
+    # A lower bound on each row's new k-th best: its current k-th best or, with fewer than k so far, the
+    # k-th largest of the block's maxima over k or more column groups (k groups reach it, so k scores do).
+    # Only scores reaching the bound can matter.
     if run_scores.shape[1] == k:
         bound = run_scores[:, -1:]
-    elif group_max.shape[1] >= k:
-        bound = torch.topk(group_max, k, dim=1).values[:, -1:]
+    elif width >= k:
+        size = min(GROUP, width // k)
+        maxima = group_max if size == GROUP else _pad_to_groups(block, size).amax(dim=2)
+        bound = torch.topk(maxima, k, dim=1).values[:, -1:]
     else:
         bound = None
     if bound is None or not torch.isfinite(bound).all():  # too few finite scores yet: merge the whole block
@@ -72,23 +89,31 @@ def _merge(run_scores, run_indices, block, g0: int, k: int):
     hit_rows, hit_groups = (group_max >= bound).nonzero(as_tuple=True)
     if hit_rows.numel() == 0:  # (only when the bound is the running k-th best: nothing in this block beats it)
         return run_scores, run_indices
-    counts = torch.bincount(hit_rows, minlength=rows)
-    slot = torch.arange(hit_rows.numel(), device=block.device) - (torch.cumsum(counts, 0) - counts)[hit_rows]
-    slots = int(counts.max())
-    # candidates: the running top-k, then each row's hit groups side by side (-inf where a row has fewer);
-    # every row has at least k finite candidates, so no -inf padding reaches the result
+    # the scores of the hit groups that reach the bound, row by row (nonzero keeps row-major order)
+    values = grouped[hit_rows, hit_groups]
+    hit, lane = (values >= bound[hit_rows]).nonzero(as_tuple=True)
+    new_rows = hit_rows[hit]
+    counts = torch.bincount(new_rows, minlength=rows)
+    slot = torch.arange(new_rows.numel(), device=block.device) - (torch.cumsum(counts, 0) - counts)[new_rows]
+    # candidates: the running top-k, then each row's new scores side by side (-inf where a row has fewer);
+    # every row has at least k finite candidates, so no padding reaches the result
     kept = run_scores.shape[1]
-    candidates = block.new_full((rows, kept + slots * GROUP), float("-inf"))
-    candidates[:, :kept] = run_scores
-    candidates[:, kept:].view(rows, slots, GROUP)[hit_rows, slot] = grouped[hit_rows, hit_groups]
-    group_of_slot = torch.zeros((rows, slots), dtype=torch.long, device=block.device)
-    group_of_slot[hit_rows, slot] = hit_groups
-    scores, order = torch.topk(candidates, k, dim=1)
-    in_block = (order - kept).clamp(min=0)
-    columns = group_of_slot.gather(1, in_block // GROUP) * GROUP + in_block % GROUP + g0
-    if kept == 0:
-        return scores, columns
-    return scores, torch.where(order < kept, run_indices.gather(1, order.clamp(max=kept - 1)), columns)
+    width = kept + int(counts.max())
+    scores = block.new_full((rows, width), float("-inf"))
+    columns = torch.zeros((rows, width), dtype=torch.long, device=block.device)
+    scores[:, :kept], columns[:, :kept] = run_scores, run_indices
+    scores[new_rows, kept + slot] = values[hit, lane]
+    columns[new_rows, kept + slot] = hit_groups[hit] * GROUP + lane + g0
+    scores, order = torch.topk(scores, k, dim=1)
+    return scores, columns.gather(1, order)
+
+
+def _pad_to_groups(block: torch.Tensor, size: int) -> torch.Tensor:
+    """R x C scores as R x ceil(C / size) x size, padded with -inf."""
+    rows, width = block.shape
+    if width % size:
+        block = torch.cat([block, block.new_full((rows, -width % size), float("-inf"))], dim=1)
+    return block.view(rows, -1, size)
 
 
 def _mask_excluded(block: torch.Tensor, exclude: torch.Tensor, g0: int) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stages.mine import MineConfig, mine, read_negatives, to_table
-from stages.retrieval import chunked_topk, recall_at_k, whm_over_recall_levels, whm_over_splits
+from stages.retrieval import block_scores, chunked_topk, recall_at_k, whm_over_recall_levels, whm_over_splits
 
 
 def test_recall_at_k_on_hand_built_embeddings():
@@ -63,6 +63,43 @@ def test_chunked_topk_keeps_every_copy_of_a_tied_score():
     scores, indices = chunked_topk(queries, gallery, 5, gallery_chunk=128)
     assert scores.tolist() == [[1.0] * 5]
     assert all(i % 3 == 0 for i in indices[0].tolist()) and len(set(indices[0].tolist())) == 5
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 1), (53, 16, 97), (1024, 512, 2048), (300, 7, 65)])
+def test_block_scores_equal_the_matmul(shape):
+    g = torch.Generator().manual_seed(2)
+    rows, dim, cols = shape
+    queries, gallery = torch.randn(rows, dim, generator=g), torch.randn(cols, dim, generator=g)
+    expected = (queries.double() @ gallery.double().T).float()
+    # float32 rounding of a sum of `dim` products, whatever the BLAS's order
+    assert torch.allclose(block_scores(queries, gallery), expected, rtol=1e-5, atol=1e-5 * dim**0.5)
+
+
+@pytest.mark.parametrize("k", [1, 50, 300])
+def test_chunked_topk_at_the_default_block_size_matches_brute_force(k):
+    # several default-sized blocks, rows whose hit counts differ. Entries are multiples of 2^-9 below 1,
+    # so every dot product is exact in float32 whatever the BLAS's order; ties can occur, in any order.
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randint(-512, 512, (1100, 24), generator=g) / 512
+    gallery = torch.randint(-512, 512, (5000, 24), generator=g) / 512
+    exclude = torch.randint(0, 5000, (1100, 3), generator=g)
+    scores, indices = chunked_topk(queries, gallery, k, exclude)
+    full = queries.double() @ gallery.double().T
+    full[torch.arange(1100)[:, None].expand_as(exclude), exclude] = float("-inf")
+    assert torch.equal(scores.double(), full.topk(k, dim=1).values)
+    assert torch.equal(full.gather(1, indices), scores.double())  # each index has the score beside it
+    assert all(len(set(row)) == k for row in indices.tolist())
+
+
+def test_chunked_topk_takes_strided_inputs_that_require_grad():
+    g = torch.Generator().manual_seed(4)
+    queries = torch.randn(40, 64, generator=g).T.requires_grad_()  # 64 x 40, not contiguous
+    gallery = torch.randn(40, 300, generator=g)[:, ::3].T            # 100 x 40, strided rows
+    scores, indices = chunked_topk(queries, gallery, 5, gallery_chunk=64)
+    expected = (queries @ gallery.T).detach().topk(5, dim=1)
+    assert not scores.requires_grad
+    assert torch.equal(indices, expected.indices)
+    assert torch.allclose(scores, expected.values, atol=1e-5)
 
 
 def test_recall_needs_enough_ranked_results():
