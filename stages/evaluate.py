@@ -55,6 +55,8 @@ class EvaluateConfig:
     protocols: list[Protocol]
     ks: list[Annotated[int, Field(gt=0)]]
     batch_size: Annotated[int, Field(gt=0)]
+    query_chunk: Annotated[int, Field(gt=0)]     # rows of a similarity block (stages/retrieval.py)
+    gallery_chunk: Annotated[int, Field(gt=0)]   # columns of a similarity block
     device: DeviceName
     rare_words_as_unknown_below: Annotated[int, Field(ge=0)]  # quirk (VAL FashionIQ/Shoes: 2); 0 = off
     matching_ks: list[Annotated[int, Field(gt=0)]]           # task matching
@@ -102,7 +104,7 @@ def score_split(models, shard_dir: Path, split: str, cfg: EvaluateConfig, device
     gallery_ids, captions, gallery, records, queries = embed_split(models, shard_dir, split, cfg, device)
     try:
         return {mode: {protocol: score(protocol, gallery_ids, captions, gallery, records, queries[mode], cfg.ks,
-                                       device=device)
+                                       cfg.query_chunk, cfg.gallery_chunk, device)
                        for protocol in cfg.protocols}
                 for mode in MODES}
     except ValueError as err:
@@ -147,12 +149,13 @@ def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateC
     if missing:
         raise StageError(f"{shard_dir} split '{split}': captions of image {missing[0]!r}, which is not in the gallery")
     text_image = torch.tensor([row[image_id] for image_id in caption_images])
-    result = {"all": i2t_t2i(images, texts, text_image, cfg.matching_ks),
+    result = {"all": i2t_t2i(images, texts, text_image, cfg.matching_ks, cfg.query_chunk, cfg.gallery_chunk),
               "counts": {"images": len(image_ids), "captions": len(caption_ids)}}
     folds = {name: ids for name, ids in (shards.read_folds(shard_dir) or {}).items() if ids and ids[0] in row}
     if folds:
         try:
-            folded = coco_1k_folds(images, texts, text_image, fold_rows(folds, image_ids), cfg.matching_ks)
+            folded = coco_1k_folds(images, texts, text_image, fold_rows(folds, image_ids), cfg.matching_ks,
+                                   cfg.query_chunk, cfg.gallery_chunk)
         except ValueError as err:
             raise StageError(f"{shard_dir} split '{split}' folds: {err}") from None
         result["folds_average"] = folded["average"]
