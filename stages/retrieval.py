@@ -42,7 +42,8 @@ def chunked_topk(
     exclude: Q x m gallery indices that a query may not retrieve (-1 = padding), e.g. its own
     reference image (evaluation) or its target (mining).
     device: where the blocks are computed (CPU or CUDA; default: the queries' device).
-    Returns (scores Q x k, indices Q x k) on the queries' device, best first.
+    Returns (scores Q x k, indices Q x k) on the queries' device, best first. A query with fewer than k
+    gallery rows it may retrieve gets score -inf and index -1 in the places left over (as faiss does).
     """
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
     if not 0 < k <= n_gallery:
@@ -60,6 +61,7 @@ def chunked_topk(
             if exclude is not None:
                 _mask_excluded(block, exclude[q0 : q0 + query_chunk].to(device), g0)
             run_scores, run_indices = _merge(run_scores, run_indices, block, g0, k)
+        run_indices = torch.where(torch.isneginf(run_scores), -1, run_indices)
         best_scores[q0 : q0 + q.shape[0]] = run_scores.to(queries.device)
         best_indices[q0 : q0 + q.shape[0]] = run_indices.to(queries.device)
     return best_scores, best_indices

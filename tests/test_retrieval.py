@@ -102,6 +102,16 @@ def test_chunked_topk_takes_strided_inputs_that_require_grad():
     assert torch.allclose(scores, expected.values, atol=1e-5)
 
 
+@pytest.mark.parametrize("gallery_chunk", [1, 3, 2048])
+def test_a_query_with_fewer_than_k_retrievable_rows_gets_minus_one(gallery_chunk):
+    gallery = torch.eye(4) * torch.tensor([4.0, 3.0, 2.0, 1.0])[:, None]
+    queries = torch.ones(2, 4)
+    exclude = torch.tensor([[-1, -1], [0, 2]])
+    scores, indices = chunked_topk(queries, gallery, 4, exclude, gallery_chunk=gallery_chunk)
+    assert indices.tolist() == [[0, 1, 2, 3], [1, 3, -1, -1]]
+    assert scores.tolist() == [[4.0, 3.0, 2.0, 1.0], [3.0, 1.0, float("-inf"), float("-inf")]]
+
+
 def test_recall_needs_enough_ranked_results():
     with pytest.raises(ValueError, match="recall@5"):
         recall_at_k(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), [1, 5])
