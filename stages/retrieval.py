@@ -11,6 +11,9 @@ import torch
 # score above a bound on the query's k-th best. Few do, so the per-block cost is about one reduction pass
 # instead of a full top-k over the block (benchmarks/bench_topk.py).
 GROUP = 64
+# Where more than this fraction of a block's groups reach the bound (the first blocks, before the bound has
+# risen), one comparison over the whole block finds the scores faster than gathering the groups.
+DENSE = 0.25
 
 # 1024 x 2048 float32 = 8 MB: a block the CPU's caches hold while it is filtered (oneDNN's rate drops by a
 # third at 32 MB blocks on the project machine; benchmarks/bench_topk.py). On a GPU larger blocks pay.
@@ -61,61 +64,76 @@ def chunked_topk(
             if exclude is not None:
                 _mask_excluded(block, exclude[q0 : q0 + query_chunk].to(device), g0)
             run_scores, run_indices = _merge(run_scores, run_indices, block, g0, k)
-        run_indices = torch.where(torch.isneginf(run_scores), -1, run_indices)
+        run_scores, order = run_scores.sort(dim=1, descending=True, stable=True)
+        run_indices = torch.where(torch.isneginf(run_scores), -1, run_indices.gather(1, order))
         best_scores[q0 : q0 + q.shape[0]] = run_scores.to(queries.device)
         best_indices[q0 : q0 + q.shape[0]] = run_indices.to(queries.device)
     return best_scores, best_indices
 
 
 def _merge(run_scores, run_indices, block, g0: int, k: int):
-    """The running top-k (R x k', k' <= k) merged with a block of scores (R x C) whose columns start at g0."""
+    """The running top-k (R x k', k' <= k, in no order: torch.topk runs at 3x the rate unsorted, and
+    chunked_topk sorts once per query chunk) merged with a block of scores (R x C) whose columns start at g0."""
     rows, width = block.shape
-    grouped = _pad_to_groups(block, GROUP)
+    grouped = _pad_columns(block, GROUP).view(rows, -1, GROUP)
     group_max = grouped.amax(dim=2)
     # A lower bound on each row's new k-th best: its current k-th best or, with fewer than k so far, the
     # k-th largest of the block's maxima over k or more column groups (k groups reach it, so k scores do).
     # Only scores reaching the bound can matter.
     if run_scores.shape[1] == k:
-        bound = run_scores[:, -1:]
+        bound = run_scores.amin(dim=1, keepdim=True)
     elif width >= k:
-        size = min(GROUP, width // k)
-        maxima = group_max if size == GROUP else _pad_to_groups(block, size).amax(dim=2)
-        bound = torch.topk(maxima, k, dim=1).values[:, -1:]
+        # strided groups (columns j, j + n, j + 2n, ...): their maxima reduce over a middle axis, which
+        # vectorises; about 2k of them make a bound that few scores beyond the k best reach
+        size = min(GROUP, 1 << (max(1, width // (2 * k)).bit_length() - 1))  # a power of two: no padding
+        maxima = _pad_columns(block, size).view(rows, size, -1).amax(dim=1)
+        bound = torch.topk(maxima, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     else:
         bound = None
     if bound is None or not torch.isfinite(bound).all():  # too few finite scores yet: merge the whole block
         scores = torch.cat([run_scores, block], dim=1)
         indices = torch.cat([run_indices, torch.arange(g0, g0 + width, device=block.device).expand(rows, -1)], dim=1)
-        scores, order = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        scores, order = torch.topk(scores, min(k, scores.shape[1]), dim=1, sorted=False)
         return scores, indices.gather(1, order)
-    hit_rows, hit_groups = (group_max >= bound).nonzero(as_tuple=True)
+    hit_groups_mask = group_max >= bound
+    if hit_groups_mask.float().mean() > DENSE:
+        new_rows, new_columns = (block >= bound).nonzero(as_tuple=True)
+        new_scores = block[new_rows, new_columns]
+        return _insert(run_scores, run_indices, new_rows, new_scores, new_columns + g0, k)
+    hit_rows, hit_groups = hit_groups_mask.nonzero(as_tuple=True)
     if hit_rows.numel() == 0:  # (only when the bound is the running k-th best: nothing in this block beats it)
         return run_scores, run_indices
     # the scores of the hit groups that reach the bound, row by row (nonzero keeps row-major order)
     values = grouped[hit_rows, hit_groups]
     hit, lane = (values >= bound[hit_rows]).nonzero(as_tuple=True)
-    new_rows = hit_rows[hit]
+    return _insert(run_scores, run_indices, hit_rows[hit], values[hit, lane], hit_groups[hit] * GROUP + lane + g0, k)
+
+
+def _insert(run_scores, run_indices, new_rows, new_scores, new_columns, k):
+    """The top-k of the running top-k and new (row, score, column) entries, rows in non-decreasing order."""
+    rows = run_scores.shape[0]
     counts = torch.bincount(new_rows, minlength=rows)
-    slot = torch.arange(new_rows.numel(), device=block.device) - (torch.cumsum(counts, 0) - counts)[new_rows]
+    slot = torch.arange(new_rows.numel(), device=new_rows.device) - (torch.cumsum(counts, 0) - counts)[new_rows]
     # candidates: the running top-k, then each row's new scores side by side (-inf where a row has fewer);
     # every row has at least k finite candidates, so no padding reaches the result
     kept = run_scores.shape[1]
     width = kept + int(counts.max())
-    scores = block.new_full((rows, width), float("-inf"))
-    columns = torch.zeros((rows, width), dtype=torch.long, device=block.device)
+    scores = new_scores.new_full((rows, width), float("-inf"))
+    columns = torch.zeros((rows, width), dtype=torch.long, device=new_rows.device)
     scores[:, :kept], columns[:, :kept] = run_scores, run_indices
-    scores[new_rows, kept + slot] = values[hit, lane]
-    columns[new_rows, kept + slot] = hit_groups[hit] * GROUP + lane + g0
-    scores, order = torch.topk(scores, k, dim=1)
+    position = new_rows * width + kept + slot
+    scores.view(-1).index_copy_(0, position, new_scores)
+    columns.view(-1).index_copy_(0, position, new_columns)
+    scores, order = torch.topk(scores, k, dim=1, sorted=False)
     return scores, columns.gather(1, order)
 
 
-def _pad_to_groups(block: torch.Tensor, size: int) -> torch.Tensor:
-    """R x C scores as R x ceil(C / size) x size, padded with -inf."""
+def _pad_columns(block: torch.Tensor, size: int) -> torch.Tensor:
+    """R x C scores padded with -inf columns to a multiple of size (the block itself when C is one)."""
     rows, width = block.shape
-    if width % size:
-        block = torch.cat([block, block.new_full((rows, -width % size), float("-inf"))], dim=1)
-    return block.view(rows, -1, size)
+    if width % size == 0:
+        return block
+    return torch.cat([block, block.new_full((rows, -width % size), float("-inf"))], dim=1)
 
 
 def _mask_excluded(block: torch.Tensor, exclude: torch.Tensor, g0: int) -> None:

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from stages.mine import MineConfig, mine, read_negatives, to_table
+from stages import retrieval
 from stages.retrieval import block_scores, chunked_topk, recall_at_k, whm_over_recall_levels, whm_over_splits
 
 
@@ -75,8 +76,10 @@ def test_block_scores_equal_the_matmul(shape):
     assert torch.allclose(block_scores(queries, gallery), expected, rtol=1e-5, atol=1e-5 * dim**0.5)
 
 
+@pytest.mark.parametrize("dense", [0.0, 0.25, 1.0])  # every block compared whole, the default, groups only
 @pytest.mark.parametrize("k", [1, 50, 300])
-def test_chunked_topk_at_the_default_block_size_matches_brute_force(k):
+def test_chunked_topk_at_the_default_block_size_matches_brute_force(k, dense, monkeypatch):
+    monkeypatch.setattr(retrieval, "DENSE", dense)
     # several default-sized blocks, rows whose hit counts differ. Entries are multiples of 2^-9 below 1,
     # so every dot product is exact in float32 whatever the BLAS's order; ties can occur, in any order.
     g = torch.Generator().manual_seed(3)
