@@ -45,7 +45,8 @@ def chunked_topk(
     exclude: Q x m gallery indices that a query may not retrieve (-1 = padding), e.g. its own
     reference image (evaluation) or its target (mining).
     device: where the blocks are computed (CPU or CUDA; default: the queries' device).
-    Returns (scores Q x k, indices Q x k) on the queries' device, best first. A query with fewer than k
+    Returns (scores Q x k, indices Q x k) on the queries' device, best first, equal scores by gallery
+    index (which of several rows tied at the k-th place is kept is not defined). A query with fewer than k
     gallery rows it may retrieve gets score -inf and index -1 in the places left over (as faiss does).
     """
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
@@ -64,7 +65,9 @@ def chunked_topk(
             if exclude is not None:
                 _mask_excluded(block, exclude[q0 : q0 + query_chunk].to(device), g0)
             run_scores, run_indices = _merge(run_scores, run_indices, block, g0, k)
-        run_scores, order = run_scores.sort(dim=1, descending=True, stable=True)
+        # best first; equal scores by gallery index (a stable sort by score of the rows sorted by index)
+        run_indices, order = run_indices.sort(dim=1)
+        run_scores, order = run_scores.gather(1, order).sort(dim=1, descending=True, stable=True)
         run_indices = torch.where(torch.isneginf(run_scores), -1, run_indices.gather(1, order))
         best_scores[q0 : q0 + q.shape[0]] = run_scores.to(queries.device)
         best_indices[q0 : q0 + q.shape[0]] = run_indices.to(queries.device)

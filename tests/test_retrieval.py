@@ -64,6 +64,14 @@ def test_chunked_topk_keeps_every_copy_of_a_tied_score():
     scores, indices = chunked_topk(queries, gallery, 5, gallery_chunk=128)
     assert scores.tolist() == [[1.0] * 5]
     assert all(i % 3 == 0 for i in indices[0].tolist()) and len(set(indices[0].tolist())) == 5
+    assert indices[0].tolist() == sorted(indices[0].tolist())  # equal scores by gallery index
+
+
+def test_equal_scores_come_in_gallery_order():
+    gallery = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    scores, indices = chunked_topk(torch.tensor([[1.0, 0.5]]), gallery, 5, gallery_chunk=2)
+    assert scores.tolist() == [[1.0, 1.0, 1.0, 1.0, 0.5]]
+    assert indices[0, :4].tolist() == [1, 2, 3, 4] and indices[0, 4] in (0, 5)  # a tie at the k-th place
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 1), (53, 16, 97), (1024, 512, 2048), (300, 7, 65)])
