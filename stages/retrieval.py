@@ -22,9 +22,9 @@ GALLERY_CHUNK = 2048
 
 
 def block_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """queries @ gallery.T in float32. On the CPU through oneDNN's inner product, the primitive
-    torch.compile's CPU backend uses for linear layers: about twice the rate of torch's MKL sgemm on the
-    project's AMD CPU, where MKL does not take its AVX-512 kernels. Elsewhere torch's matmul (cuBLAS)."""
+    """queries @ gallery.T in float32. On the CPU through oneDNN's inner product (the op torch.compile's
+    CPU backend emits for linear layers): about twice the rate of torch's `@` (MKL sgemm) on the project's
+    AMD CPU, measured by benchmarks/bench_topk.py. Elsewhere torch's matmul (cuBLAS on CUDA)."""
     if queries.device.type == "cpu" and torch.backends.mkldnn.is_available():
         return torch.ops.mkldnn._linear_pointwise(queries.contiguous(), gallery.contiguous(), None, "none", [], "")
     return queries @ gallery.T
