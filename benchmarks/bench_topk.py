@@ -3,11 +3,13 @@ a user would otherwise run, in one sitting, each side in its own process (so pea
 
     python benchmarks/bench_topk.py [--n 50000] [--dim 512] [--k 50] [--naive-n 10000] [--device cpu|cuda]
 
-Sides: `chunked` (stages.retrieval.chunked_topk, the pipeline's code path: oneDNN block products on the CPU),
+Sides: `products` (chunked_topk's block products alone over the whole problem: the sustained matmul rate, its
+ceiling), `chunked` (stages.retrieval.chunked_topk, the pipeline's code path: oneDNN block products on the CPU),
 `naive` (full Q x G matrix, then a per-row argsort, as research code does; at --naive-n because the full
 matrix is N² floats), scikit-learn
 `NearestNeighbors(algorithm="brute", metric="cosine")`, and faiss-cpu `IndexFlatIP` (pip install -e '.[bench]').
-The machine's own matmul rate is measured first in the same script; GFLOP/s of a side = 2·Q·G·d / seconds.
+The machine's own matmul rate is measured first in the same script (3 s on one cached block: "% matmul"), and
+again as the `products` side ("% products"); GFLOP/s of a side = 2·Q·G·d / seconds.
 Vectors are random unit vectors (cosine = inner product); all sides must return the same neighbours.
 With --device cuda the matmul rate and the `chunked` side run on the GPU (the same code path as `mine` and
 `evaluate` there); the other sides stay on the CPU.
@@ -58,6 +60,19 @@ def matmul_gflops(dim: int, device: str, seconds: float = 3.0) -> dict[str, floa
     return rates
 
 
+def run_products(q, g, k, device="cpu"):
+    """The block products of chunked_topk over the whole problem and nothing else: the sustained matmul
+    rate on this data (gallery blocks read from memory, clocks under a long load), the ceiling of `chunked`."""
+    from stages.retrieval import GALLERY_CHUNK, QUERY_CHUNK, block_scores
+
+    q, g = torch.from_numpy(q).to(device), torch.from_numpy(g).to(device)
+    for q0 in range(0, q.shape[0], QUERY_CHUNK):
+        for g0 in range(0, g.shape[0], GALLERY_CHUNK):
+            block_scores(q[q0 : q0 + QUERY_CHUNK], g[g0 : g0 + GALLERY_CHUNK])
+    synchronize(device)
+    return None
+
+
 def run_chunked(q, g, k, device="cpu"):
     from stages.retrieval import chunked_topk
 
@@ -86,12 +101,13 @@ def run_faiss(q, g, k):
     return index.search(q, k)[1]
 
 
-SIDES = {"chunked": run_chunked, "naive": run_naive, "sklearn": run_sklearn, "faiss": run_faiss}
+SIDES = {"products": run_products, "chunked": run_chunked, "naive": run_naive, "sklearn": run_sklearn,
+         "faiss": run_faiss}
 
 
 def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue) -> None:
     q, g = vectors(n, dim, 1), vectors(n, dim, 2)
-    extra = {"device": device} if side == "chunked" else {}
+    extra = {"device": device} if side in ("products", "chunked") else {}
     if device == "cuda" and side == "chunked":  # CUDA context and kernels, not counted
         run_chunked(q[:1024], g[:8192], k, device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -99,7 +115,8 @@ def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue) -> 
     neighbours = SIDES[side](q, g, k, **extra)
     seconds = time.perf_counter() - began
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    out.put((side, n, seconds, peak_mb, np.asarray(neighbours[:200], dtype=np.int64)))
+    head = None if neighbours is None else np.asarray(neighbours[:200], dtype=np.int64)
+    out.put((side, n, seconds, peak_mb, head))
 
 
 def main() -> None:
@@ -117,9 +134,10 @@ def main() -> None:
           + ", ".join(f"{name} {value:.1f}" for name, value in rates.items())
           + f" GFLOP/s (% matmul below: of {rate:.1f}); d={args.dim}, k={args.k}"
           + ("; peak MB is host memory" if args.device == "cuda" else ""))
-    print(f"{'side':<9}{'N':>7}{'seconds':>9}{'GFLOP/s':>9}{'% matmul':>10}{'peak MB':>9}{'same top-k':>12}")
+    print(f"{'side':<9}{'N':>7}{'seconds':>9}{'GFLOP/s':>9}{'% matmul':>10}{'% products':>12}{'peak MB':>9}"
+          f"{'same top-k':>12}")
     ctx = mp.get_context("spawn")
-    reference = {}
+    reference, products = {}, None
     for side in args.sides:
         n = args.naive_n if side == "naive" else args.n
         queue = ctx.Queue()
@@ -128,11 +146,14 @@ def main() -> None:
         side, n, seconds, peak_mb, head = queue.get()
         process.join()
         gflops = 2 * n * n * args.dim / seconds / 1e9
-        key = n
-        if key not in reference:
-            reference[key] = head
-        same = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(head, reference[key])])
-        print(f"{side:<9}{n:>7}{seconds:>9.2f}{gflops:>9.1f}{100 * gflops / rate:>9.0f}%{peak_mb:>9.0f}{same:>12.3f}")
+        if side == "products":
+            products = gflops
+        of_products = f"{100 * gflops / products:>11.0f}%" if products else f"{'-':>12}"
+        if head is not None and n not in reference:
+            reference[n] = head
+        same = "-" if head is None else f"{np.mean([len(set(a) & set(b)) / args.k for a, b in zip(head, reference[n])]):.3f}"
+        print(f"{side:<9}{n:>7}{seconds:>9.2f}{gflops:>9.1f}{100 * gflops / rate:>9.0f}%{of_products}{peak_mb:>9.0f}"
+              f"{same:>12}")
 
 
 if __name__ == "__main__":
