@@ -151,7 +151,8 @@ def main() -> None:
         of_products = f"{100 * gflops / products:>11.0f}%" if products else f"{'-':>12}"
         if head is not None and n not in reference:
             reference[n] = head
-        same = "-" if head is None else f"{np.mean([len(set(a) & set(b)) / args.k for a, b in zip(head, reference[n])]):.3f}"
+        overlap = None if head is None else np.mean([len(set(a) & set(b)) / args.k for a, b in zip(head, reference[n])])
+        same = "-" if overlap is None else f"{overlap:.3f}"
         print(f"{side:<9}{n:>7}{seconds:>9.2f}{gflops:>9.1f}{100 * gflops / rate:>9.0f}%{of_products}{peak_mb:>9.0f}"
               f"{same:>12}")
 

@@ -113,7 +113,8 @@ def _merge(run_scores, run_indices, block, g0: int, k: int):
 
 
 def _insert(run_scores, run_indices, new_rows, new_scores, new_columns, k):
-    """The top-k of the running top-k and new (row, score, column) entries, rows in non-decreasing order."""
+    """The top-k (unsorted) of the running top-k and new (row, score, column) entries, rows in non-decreasing
+    order."""
     rows = run_scores.shape[0]
     counts = torch.bincount(new_rows, minlength=rows)
     slot = torch.arange(new_rows.numel(), device=new_rows.device) - (torch.cumsum(counts, 0) - counts)[new_rows]
