@@ -18,16 +18,17 @@ from pathlib import Path
 
 import torch
 
-from stages.embedding import embed_gallery, embed_queries
-from stages.loaders import texts
-from stages.mine import MineConfig, mine
-from stages.modeling import ModelConfig, build_model
-from stages.parallel import ParallelConfig
-from stages.params import load, parse
+from stages.retrieval.embedding import embed_gallery, embed_queries
+from stages.shards.loaders import texts
+from stages.mine import MineConfig
+from stages.retrieval.negatives import hard_negatives
+from stages.modeling.factory import ModelConfig, build_model
+from stages.common.parallel import ParallelConfig
+from stages.common.params import load, parse
 from stages.prepare import prepare
 from stages.resize import ResizeConfig, run_resize
 from stages.shard import ShardConfig, run_shard
-from stages.vocab import Vocab
+from stages.modeling.vocab import Vocab
 from measure import Measurement, print_table  # benchmarks/measure.py (scripts run from benchmarks/)
 
 
@@ -72,7 +73,7 @@ def bench_mine(shards: Path, size: int) -> list[Measurement]:
     position = {image_id: i for i, image_id in enumerate(gallery_ids)}
     targets = torch.tensor([position[r["target_id"]] for r in records])
     queries = features["composed"]
-    _, chunked = mine(queries, targets, gallery, cfg)
+    _, chunked = hard_negatives(queries, targets, gallery, cfg)
     searched = time.perf_counter()
     full = queries @ gallery.T  # baseline: Q x G in memory at once
     full[torch.arange(len(targets)), targets] = float("-inf")

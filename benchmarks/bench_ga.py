@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from stages.modeling import ModelConfig, build_model
-from stages.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
-from stages.params import load
-from stages.vocab import Vocab
+from stages.modeling.factory import ModelConfig, build_model
+from stages.training.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
+from stages.common.params import load
+from stages.modeling.vocab import Vocab
 
 ARMS = {"tirg": "bbc", "tirg_lastconv": "bbc", "composeae": "bbc", "val": "val_matching", "amc": "amc"}
 TEXTS = ["add a small red circle at top-left", "make the blue square large", "remove the green triangle"]

@@ -2,11 +2,11 @@
 
     python benchmarks/bench_loader.py [--batches N] [--workers 1 2] [--steps 20] [--batch B] [--reuse DIR]
 
-Side A reads the train query shards through stages.loaders.training_batches (WebDataset: shard shuffle,
+Side A reads the train query shards through stages.shards.loaders.training_batches (WebDataset: shard shuffle,
 json decode, sample shuffle with pretrain.shuffle_buffer, PNG decode + normalise, batches; a DataLoader with
 `workers` processes), as `pretrain` does. Side B is what baseline research code would write: a
 torch.utils.data.Dataset over the resized folder + queries.parquet (one query = open the reference file and
-the target file with PIL, the same normalisation as stages.loaders.decode_image) in a
+the target file with PIL, the same normalisation as stages.shards.loaders.decode_image) in a
 DataLoader(shuffle=True, drop_last=True). Same batch size (pretrain.batch_size), same number of samples,
 1 and 2 workers (0 = in-process, also accepted). Each side's first batch (worker start-up) is not timed.
 By default one epoch of batches is timed: A's shuffle buffer reads ahead (two samples per batch sample) until
@@ -42,18 +42,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stages import manifest, shards
-from stages.loaders import decode_image, training_batches
-from stages.modeling import ModelConfig, build_model
-from stages.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
-from stages.parallel import ParallelConfig
-from stages.params import load
+from stages.datasets import manifest
+from stages.shards import store
+from stages.shards.loaders import decode_image, training_batches
+from stages.modeling.factory import ModelConfig, build_model
+from stages.training.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
+from stages.common.parallel import ParallelConfig
+from stages.common.params import load
 from stages.prepare import prepare
 from stages.pretrain import image_size_of
 from stages.resize import ResizeConfig, run_resize
 from stages.shard import ShardConfig, run_shard
-from stages.text import training_text
-from stages.training import LoopConfig, make_optimizer, pick_device, place_model, seed_everything
+from stages.modeling.text import training_text
+from stages.training.loop import LoopConfig, make_optimizer, seed_everything
+from stages.common.device import pick_device, place_model
 from stages.vocabulary import VocabularyConfig
 from stages.vocabulary import build as build_vocabulary
 
@@ -223,7 +225,7 @@ def run(resized: Path, shard_dir: Path, vocab_dir: Path, args) -> None:
     cfg = load(LoopConfig, "pretrain")
     batch, seed, buffer = args.batch or cfg.batch_size, cfg.seed, cfg.shuffle_buffer
     build_vocabulary(shard_dir, vocab_dir, load(VocabularyConfig, "vocabulary"))
-    queries = shards.read_index(shard_dir)["splits"][SPLIT]["queries"]
+    queries = store.read_index(shard_dir)["splits"][SPLIT]["queries"]
     args.batches = args.batches or max(1, queries["count"] // batch)
     step = TrainStep(shard_dir, vocab_dir, args.device)
     if step.cfg.batch_size != batch:
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         if args.reuse:
             resized, shard_dir = args.reuse / "resized", args.reuse / "shards"
-            for path in (resized / manifest.QUERIES_FILE, shard_dir / shards.INDEX_FILE):
+            for path in (resized / manifest.QUERIES_FILE, shard_dir / store.INDEX_FILE):
                 if not path.is_file():
                     parser.error(f"--reuse: {path} is missing")
         else:

@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from stages import manifest
-from stages.params import parse
-from stages.parallel import ParallelConfig, plan
+from stages.datasets import manifest
+from stages.common.params import parse
+from stages.common.parallel import ParallelConfig, plan
 from stages.resize import EXTENSIONS, ResizeConfig, run_resize
 from measure import Measurement, print_table  # benchmarks/measure.py (scripts run from benchmarks/)
 

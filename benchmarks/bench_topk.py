@@ -39,7 +39,7 @@ def matmul_gflops(dim: int, device: str, seconds: float = 3.0) -> dict[str, floa
     """The machine's float32 matmul rate on blocks the size chunked_topk uses, for each BLAS at hand:
     torch's matmul (MKL on x86, cuBLAS on CUDA) and, on the CPU, numpy's (OpenBLAS) and oneDNN's inner
     product (stages.retrieval.block_scores, what chunked_topk runs on the CPU)."""
-    from stages.retrieval import GALLERY_CHUNK, QUERY_CHUNK, block_scores
+    from stages.retrieval.topk import GALLERY_CHUNK, QUERY_CHUNK, block_scores
 
     a, b = torch.randn(QUERY_CHUNK, dim, device=device), torch.randn(GALLERY_CHUNK, dim, device=device)
     products = {"torch": lambda: a @ b.T}
@@ -63,7 +63,7 @@ def matmul_gflops(dim: int, device: str, seconds: float = 3.0) -> dict[str, floa
 def run_products(q, g, k, device="cpu"):
     """The block products of chunked_topk over the whole problem and nothing else: the sustained matmul
     rate on this data (gallery blocks read from memory, clocks under a long load), the ceiling of `chunked`."""
-    from stages.retrieval import GALLERY_CHUNK, QUERY_CHUNK, block_scores
+    from stages.retrieval.topk import GALLERY_CHUNK, QUERY_CHUNK, block_scores
 
     q, g = torch.from_numpy(q).to(device), torch.from_numpy(g).to(device)
     for q0 in range(0, q.shape[0], QUERY_CHUNK):
@@ -74,7 +74,7 @@ def run_products(q, g, k, device="cpu"):
 
 
 def run_chunked(q, g, k, device="cpu"):
-    from stages.retrieval import chunked_topk
+    from stages.retrieval.topk import chunked_topk
 
     q, g = torch.from_numpy(q).to(device), torch.from_numpy(g).to(device)
     indices = chunked_topk(q, g, k)[1]

@@ -8,8 +8,8 @@ batch + non-blocking copy) and optionally torch.compile, in one sitting.
 
 Per model (params.yaml `model` section with `model.name` and `model.image.encoder` switched; weights never
 read, random init) one step = host batch -> device, loss, backward, optimiser step (params `pretrain`
-optimiser), plus what `stages.training.fit` does each step (the isfinite check and `loss.item()`). The loss
-is stages.objectives.training_loss with the model's own loss (bbc; val_matching for val, amc for amc), or
+optimiser), plus what `stages.training.loop.fit` does each step (the isfinite check and `loss.item()`). The loss
+is stages.training.objectives.training_loss with the model's own loss (bbc; val_matching for val, amc for amc), or
 matching_loss with nce for the dual_encoder. The batch is synthetic: random normal images, random texts
 from a small word list; the same batch every step.
 
@@ -21,10 +21,10 @@ Variants (the toggles are set here, not by device):
 On CUDA: plain, fast, (fast+compile). On the CPU: plain, (compile), and with --cpu-bf16 also fast and
 (fast+compile); pinned memory and non_blocking need an accelerator and are off there.
 
-training_loss / matching_loss call stages.training's `autocast` and `to_device`, which switch bf16 and
+training_loss / matching_loss call stages.common.device's `autocast` and `to_device`, which switch bf16 and
 channels_last on by device (always on on CUDA). For a clean plain-vs-fast comparison this benchmark swaps
-those two names inside stages.objectives for the variant's explicit toggles while it runs (the loss code
-itself is unchanged); it fails loudly if stages.objectives no longer has them.
+those two names inside stages.training.objectives for the variant's explicit toggles while it runs (the loss code
+itself is unchanged); it fails loudly if stages.training.objectives no longer has them.
 
 The model is compiled module by module (nn.Module.compile on each child), because the stages call
 encode_reference / compose / encode_image, not forward: compiling the top-level model would change
@@ -47,12 +47,13 @@ from unittest import mock
 import torch
 from torch import nn
 
-from stages import objectives
-from stages.modeling import ModelConfig, build_model
-from stages.objectives import LossConfig, matching_loss, training_loss
-from stages.params import load
-from stages.training import LoopConfig, compile_model, make_optimizer, pick_device
-from stages.vocab import Vocab
+from stages.training import objectives
+from stages.modeling.factory import ModelConfig, build_model
+from stages.training.objectives import LossConfig, matching_loss, training_loss
+from stages.common.params import load
+from stages.training.loop import LoopConfig, compile_model, make_optimizer
+from stages.common.device import pick_device
+from stages.modeling.vocab import Vocab
 
 LOSS_OF = {"tirg": "bbc", "tirg_lastconv": "bbc", "composeae": "bbc", "val": "val_matching", "amc": "amc",
            "dual_encoder": "nce"}
@@ -88,7 +89,7 @@ def random_texts(n: int, rng: random.Random) -> list[str]:
 
 
 def host_batch(model_name: str, batch: int, size: int, texts: list[str], seed: int) -> dict:
-    """A batch as stages.loaders collates it (queries, or image-caption pairs for the dual encoder)."""
+    """A batch as stages.shards.loaders collates it (queries, or image-caption pairs for the dual encoder)."""
     g = torch.Generator().manual_seed(seed)
     image = lambda: torch.randn(batch, 3, size, size, generator=g)  # noqa: E731
     if model_name == "dual_encoder":
@@ -112,8 +113,8 @@ def copy_to(batch: dict, device: torch.device, non_blocking: bool) -> dict:
 
 @contextlib.contextmanager
 def toggles(variant: Variant):
-    """The variant's autocast and image placement in place of stages.training's device-driven ones, inside
-    stages.objectives (mock.patch.object raises if the names are gone)."""
+    """The variant's autocast and image placement in place of stages.common.device's device-driven ones, inside
+    stages.training.objectives (mock.patch.object raises if the names are gone)."""
     def autocast(device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16)
 

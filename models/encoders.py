@@ -1,6 +1,8 @@
 """Image and text encoders of TIRG (Vo et al., CVPR 2019) as released in google/tirg."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torchvision
 from torch import nn
@@ -88,3 +90,37 @@ class LSTMTextEncoder(nn.Module):
         outputs, _ = self.lstm(self.embedding(tokens))  # zero initial state
         last = outputs[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
         return self.head(last)
+
+
+def resnet_last_map(depth: int = 18, state_dict: dict[str, torch.Tensor] | None = None) -> tuple[nn.Sequential, int]:
+    """torchvision ResNet-{18,50} from conv1 up to layer4 (no pool, no fc) and its output channels.
+
+    `state_dict`: ImageNet weights with torchvision's key names, read from a local file by the caller.
+    """
+    builders = {18: (torchvision.models.resnet18, 512), 50: (torchvision.models.resnet50, 2048)}
+    if depth not in builders:
+        raise ValueError(f"depth must be 18 or 50, got {depth}")
+    build, channels = builders[depth]
+    net = build(weights=None)
+    if state_dict is not None:
+        net.load_state_dict(state_dict)
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), channels
+
+
+class ConvMap(nn.Module):
+    """The spatial map of a vector encoder before it pools or flattens (SmallCNN's conv stages, ResNet's layer4):
+    SIAM's guide map. It shares the encoder's weights, so the encoder is held outside the module tree (it is
+    registered once, as the image tower)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self._encoder = [encoder]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        encoder = self._encoder[0]
+        if isinstance(encoder, SmallCNN):
+            return encoder.features(images)
+        net = encoder.backbone
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))

@@ -3,7 +3,7 @@
 sentence-transformers/all-MiniLM-L6-v2 is BertModel (6 layers, hidden 384) -> mean pooling over the
 tokens the attention mask keeps ([CLS] and [SEP] included) -> L2 normalisation (its modules.json:
 Transformer, Pooling(mean), Normalize). This module reproduces that on an already-loaded backbone
-(stages.sentence_encoder.load_minilm reads the weights) and adds an optional trainable linear head.
+(stages.modeling.sentence_encoder.load_minilm reads the weights) and adds an optional trainable linear head.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from typing import Optional
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages.params import load, require, section
+from stages.common.params import load, require, section
 
 
 @section

@@ -86,7 +86,7 @@ def markers(name: str | None) -> tuple[str, str]:
 
 
 def write_into_readme(readme: Path, markdown: str, marker: str | None = None) -> None:
-    from stages.atomic import atomic_path
+    from stages.common.atomic import atomic_path
 
     begin, end = markers(marker)
     text = readme.read_text()

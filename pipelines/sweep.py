@@ -131,7 +131,7 @@ def sweep(grid: Grid, root: str = ".", out: str | None = None) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    from stages.atomic import atomic_path
+    from stages.common.atomic import atomic_path
 
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:

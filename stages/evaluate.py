@@ -15,7 +15,6 @@ python -m stages.evaluate --model data/train/model.pt --shards data/shards --out
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -26,16 +25,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages.atomic import write_json
-from stages.cli import StageError, run_stage
-from stages import shards
-from stages.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
-from stages.matching_metrics import coco_1k_folds, fold_rows, i2t_t2i
-from stages.params import load, read_task, require, section
-from stages.rerank import SIAM_FILE, gallery_maps, load_siam, rerank_t2i
-from stages.protocols import score
-from stages.retrieval import whm_over_recall_levels, whm_over_splits
-from stages.training import DeviceName, pick_device
+from stages.common.atomic import write_json
+from stages.common.errors import StageError, run_stage
+from stages.shards import store
+from stages.retrieval.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
+from stages.retrieval.matching_metrics import coco_1k_folds, fold_rows, i2t_t2i
+from stages.common.params import load, read_task, require, section
+from stages.retrieval.rerank import SIAM_FILE, gallery_maps, load_siam, rerank_t2i
+from stages.retrieval.protocols import score
+from stages.retrieval.whm import whm_over_recall_levels, whm_over_splits
+from stages.common.device import DeviceName, pick_device
+from stages.common.cli import stage_parser
 
 MODES = ("composed", "image_only", "text_only")
 FLAT_PROTOCOLS = ("target", "caption")  # one recall per K: harmonic mean and WHM apply
@@ -111,7 +111,7 @@ def score_split(models, shard_dir: Path, split: str, cfg: EvaluateConfig, device
         raise StageError(f"{shard_dir} split '{split}': {err}") from None
 
 
-def summarise(per_split: dict[str, dict], cfg: EvaluateConfig) -> dict:
+def with_split_means(per_split: dict[str, dict], cfg: EvaluateConfig) -> dict:
     """metrics[mode][split][protocol] plus, for the flat protocols, [mode]["harmonic"|"whm"][protocol]."""
     metrics: dict[str, dict] = {mode: {split: per_split[split][mode] for split in cfg.splits} for mode in MODES}
     for mode in MODES:
@@ -151,7 +151,7 @@ def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateC
     text_image = torch.tensor([row[image_id] for image_id in caption_images])
     result = {"all": i2t_t2i(images, texts, text_image, cfg.matching_ks, cfg.query_chunk, cfg.gallery_chunk),
               "counts": {"images": len(image_ids), "captions": len(caption_ids)}}
-    folds = {name: ids for name, ids in (shards.read_folds(shard_dir) or {}).items() if ids and ids[0] in row}
+    folds = {name: ids for name, ids in (store.read_folds(shard_dir) or {}).items() if ids and ids[0] in row}
     if folds:
         try:
             folded = coco_1k_folds(images, texts, text_image, fold_rows(folds, image_ids), cfg.matching_ks,
@@ -167,17 +167,17 @@ def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateC
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser(__doc__, "python -m stages.evaluate --model data/train/model.pt --shards data/shards "
+                          "--out metrics/evaluate.json", "the metrics file (JSON)")
     parser.add_argument("--model", type=Path, nargs="+", required=True, help="one checkpoint, or several: an ensemble")
-    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     args = parser.parse_args(argv)
-    cfg = load(EvaluateConfig, "evaluate")
+    cfg = load(EvaluateConfig, "evaluate", args.params)
 
     began = time.time()
     device = pick_device(cfg.device)
     models = [load_for_embedding(path, device) for path in args.model]
-    if read_task() == "matching":
+    if read_task(args.params) == "matching":
         if len(models) > 1:
             raise StageError("evaluate: an ensemble is offered for composed retrieval only (task is matching)")
         siam = load_siam(args.model[0].parent / SIAM_FILE, device)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"evaluate: matching {line} in {time.time() - began:.1f} s -> {args.out}")
         return
     per_split = {split: score_split(models, args.shards, split, cfg, device) for split in cfg.splits}
-    metrics = summarise(per_split, cfg)
+    metrics = with_split_means(per_split, cfg)
     write_json(args.out, metrics)
     print(f"evaluate: {headline(metrics, cfg)} in {time.time() - began:.1f} s -> {args.out}")
 

@@ -10,30 +10,25 @@ python -m stages.mine --model data/pretrain/model.pt --shards data/shards --out 
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages import shards
-from stages.atomic import atomic_path, staged_dir
-from stages.cli import StageError, run_stage
-from stages.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
-from stages.offline_candidates import mine_candidates, write_candidates
-from stages.params import load, read_task, section
-from stages.retrieval import chunked_topk
-from stages.training import DeviceName, pick_device
+from stages.shards import store
+from stages.common.atomic import atomic_path, staged_dir
+from stages.common.errors import StageError, run_stage
+from stages.retrieval.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
+from stages.retrieval.negatives import NEGATIVES_FILE, hard_negatives, to_table
+from stages.retrieval.offline_candidates import CANDIDATES_FILE, mine_candidates, write_candidates
+from stages.common.params import load, read_task, section
+from stages.common.device import DeviceName, pick_device
+from stages.common.cli import stage_parser
 
 PositiveInt = Annotated[int, Field(gt=0)]
-NEGATIVES_FILE, CANDIDATES_FILE = "negatives.parquet", "candidates.npz"
-NEGATIVES_SCHEMA = pa.schema(
-    [("query_id", pa.string()), ("rank", pa.int32()), ("candidate_id", pa.string()), ("score", pa.float32())]
-)
 
 
 @section
@@ -47,49 +42,18 @@ class MineConfig:
     aoq_t2i_k: PositiveInt  # task matching: images kept per caption (AOQ: 400)
 
 
-def mine(query_features: torch.Tensor, target_index: torch.Tensor, gallery_features: torch.Tensor,
-         cfg: MineConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores Q x k, gallery indices Q x k) of the nearest non-target gallery images."""
-    if cfg.k >= gallery_features.shape[0]:
-        raise StageError(f"mine.k={cfg.k} must be smaller than the train gallery ({gallery_features.shape[0]} images)")
-    return chunked_topk(query_features, gallery_features, cfg.k, exclude=target_index[:, None],
-                        query_chunk=cfg.query_chunk, gallery_chunk=cfg.gallery_chunk, device=device)
-
-
-def to_table(query_ids: list[str], gallery_ids: list[str], scores: torch.Tensor, indices: torch.Tensor) -> pa.Table:
-    k = indices.shape[1]
-    return pa.table(
-        {
-            "query_id": [q for q in query_ids for _ in range(k)],
-            "rank": list(range(k)) * len(query_ids),
-            "candidate_id": [gallery_ids[i] for i in indices.flatten().tolist()],
-            "score": scores.flatten().tolist(),
-        },
-        schema=NEGATIVES_SCHEMA,
-    )
-
-
-def read_negatives(path: Path) -> dict[str, list[str]]:
-    """query_id -> candidate image ids, best first."""
-    table = pq.read_table(path).sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    negatives: dict[str, list[str]] = {}
-    for query_id, candidate_id in zip(table.column("query_id").to_pylist(), table.column("candidate_id").to_pylist()):
-        negatives.setdefault(query_id, []).append(candidate_id)
-    return negatives
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = stage_parser(__doc__, "python -m stages.mine --model data/pretrain/model.pt --shards data/shards "
+                          "--out data/mined", "output directory: negatives.parquet (task matching: candidates.npz)")
+    parser.add_argument("--model", type=Path, required=True, help="the checkpoint that embeds, e.g. the pretrained one")
+    parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     args = parser.parse_args(argv)
-    cfg = load(MineConfig, "mine")
+    cfg = load(MineConfig, "mine", args.params)
 
     began = time.time()
     device = pick_device(cfg.device)
     model, vocab = load_for_embedding(args.model, device)
-    if read_task() == "matching":
+    if read_task(args.params) == "matching":
         return mine_matching(model, vocab, args.shards, args.out, cfg, device, began)
     gallery_ids, _, gallery = embed_gallery(model, args.shards, "train", cfg.batch_size, device)
     records, features = embed_queries(model, vocab, args.shards, "train", cfg.batch_size, device)
@@ -98,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise StageError(f"{args.shards}: train target {missing[0]!r} is not in the train gallery shards")
     targets = torch.tensor([position[r["target_id"]] for r in records])
-    scores, indices = mine(features["composed"], targets, gallery, cfg, device)
+    scores, indices = hard_negatives(features["composed"], targets, gallery, cfg, device)
     with staged_dir(args.out) as work, atomic_path(work / NEGATIVES_FILE) as tmp:
         pq.write_table(to_table([r["query_id"] for r in records], gallery_ids, scores, indices), tmp)
     seconds = time.time() - began

@@ -6,16 +6,15 @@ Reads the `dataset`, `download` and `parallel` sections of params.yaml: `dataset
 under stages/datasets/, `dataset.<name>` is that adapter's own params, `download` says how real
 datasets are fetched (workers, retries, timeouts) into their `raw_dir` under data/raw/, and `parallel`
 how an adapter that computes its images spreads the work (shapes renders its scenes through
-stages.parallel: a process pool, or Dask workers through Prefect). The output directory appears only once it is complete:
+stages.common.parallel: a process pool, or Dask workers through Prefect). The output directory appears only once it is complete:
 
     <out>/images/...        the image files
-    <out>/images.parquet    image manifest (see stages.manifest)
+    <out>/images.parquet    image manifest (see stages.datasets.manifest)
     <out>/queries.parquet   query manifest
     <out>/<extra files>     whatever the adapter records (shapes: shapes.json)
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 from collections import Counter
 from dataclasses import dataclass
@@ -25,13 +24,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages import manifest
-from stages.atomic import staged_dir
-from stages.cli import run_stage
-from stages.datasets import ADAPTERS, load_adapter
-from stages.download import DownloadConfig
-from stages.parallel import ParallelConfig
-from stages.params import PARAMS_FILE, ParamsError, load, parse, read_yaml
+from stages.datasets import manifest
+from stages.common.atomic import staged_dir
+from stages.common.errors import run_stage
+from stages.datasets.registry import ADAPTERS, load_adapter
+from stages.datasets.download import DownloadConfig
+from stages.common.parallel import ParallelConfig
+from stages.common.params import PARAMS_FILE, ParamsError, load, parse, read_yaml
+from stages.common.cli import stage_parser
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,10 @@ def prepare(out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. data/prepared")
+    parser = stage_parser(__doc__, "python -m stages.prepare --out data/prepared",
+                          "output directory: images/, images.parquet, queries.parquet")
     args = parser.parse_args(argv)
-    run_stage(lambda: print(prepare(args.out)))
+    run_stage(lambda: print(prepare(args.out, args.params)))
 
 
 if __name__ == "__main__":

@@ -5,45 +5,54 @@ python -m stages.pretrain --shards data/shards --vocab data/vocab --out data/pre
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from stages import distributed, shards
-from stages.atomic import write_json
-from stages.cli import run_stage
-from stages.loaders import decode_image, matching_batches, training_batches
-from stages.modeling import ModelConfig, build_model, save_model
-from stages.objectives import (GAConfig, LossConfig, check_ga_task, isotropic_noise, matching_loss, training_loss,
-                               with_ga)
-from stages.params import load, read_task
-from stages.text import training_text
-from stages.training import (LoopConfig, compile_model, fingerprint, fit, output_dir, pick_device, place_model,
-                             seed_everything)
+from stages.common import distributed
+from stages.shards import store
+from stages.common.atomic import write_json
+from stages.common.errors import run_stage
+from stages.shards.loaders import decode_image, matching_batches, training_batches
+from stages.modeling.factory import ModelConfig, build_model, save_model
+from stages.training.objectives import (
+    GAConfig,
+    LossConfig,
+    check_ga_task,
+    isotropic_noise,
+    matching_loss,
+    training_loss,
+    with_ga,
+)
+from stages.common.params import load, read_task
+from stages.modeling.text import training_text
+from stages.training.loop import LoopConfig, compile_model, fingerprint, fit, output_dir, seed_everything
+from stages.common.device import pick_device, place_model
+from stages.common.cli import stage_parser
 
 
 def image_size_of(shard_dir: Path, split: str) -> int:
-    first = next(shards.iter_gallery(shard_dir, split))
+    first = next(store.iter_gallery(shard_dir, split))
     return decode_image(first[2]).shape[-1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
+    parser = stage_parser(__doc__, "python -m stages.pretrain --shards data/shards --vocab data/vocab "
+                          "--out data/pretrain --metrics metrics/pretrain.json",
+                          "output directory: model.pt, dvclive curves in live/")
+    parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     parser.add_argument("--vocab", type=Path, required=True, help="the `vocabulary` stage's folder")
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    model_cfg, cfg = load(ModelConfig, "model"), load(LoopConfig, "pretrain")
+    model_cfg, cfg = load(ModelConfig, "model", args.params), load(LoopConfig, "pretrain", args.params)
     if (code := distributed.relaunch_under_torchrun(cfg.distributed, "stages.pretrain", argv)) is not None:
         sys.exit(code)
-    loss_cfg, ga, task = load(LossConfig, "loss"), load(GAConfig, "ga"), read_task()
+    loss_cfg, ga, task = load(LossConfig, "loss", args.params), load(GAConfig, "ga", args.params), read_task(args.params)
     model_cfg.check_task(task)
     loss_cfg.check_model(model_cfg.name, cfg.batch_size, "pretrain")
     check_ga_task(ga, task)
 
-    shards.read_index(args.shards)
+    store.read_index(args.shards)
     seed_everything(cfg.seed)
     tokenizer, word_vectors = training_text(model_cfg.text.encoder, args.vocab)
     image_size = image_size_of(args.shards, "train")
@@ -60,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, device)
         return loss, logs
 
-    key = fingerprint(task, model_cfg, cfg, loss_cfg, ga, shards.index_digest(args.shards),
+    key = fingerprint(task, model_cfg, cfg, loss_cfg, ga, store.index_digest(args.shards),
                       tokenizer.state_dict())
     with output_dir(args.out, key, world) as work:
         batches = (matching_batches if task == "matching" else training_batches)(

@@ -1,9 +1,9 @@
 """Stage `resize`: every image to one square size and one format; unreadable images are reported.
 
-    python -m stages.resize --input data/prepared --output data/resized
+    python -m stages.resize --prepared data/prepared --out data/resized
 
 Reads the `resize` and `parallel` sections of params.yaml: images are resized in parallel as
-`parallel` says (stages.parallel: a process pool, or Dask workers through Prefect, each writing its files). The
+`parallel` says (stages.common.parallel: a process pool, or Dask workers through Prefect, each writing its files). The
 output directory appears only once complete:
 
     <out>/images/...        the resized files: same relative names as the input, new extension
@@ -16,7 +16,6 @@ images whose resized file is already there are not computed again.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -35,11 +34,12 @@ from PIL import Image, ImageFile
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages import captions, manifest
-from stages.atomic import staged_dir, write_bytes, write_json
-from stages.cli import StageError, run_stage
-from stages.parallel import SERIAL, ParallelConfig, map_items
-from stages.params import PARAMS_FILE, load, section
+from stages.datasets import captions, manifest
+from stages.common.atomic import staged_dir, write_bytes, write_json
+from stages.common.errors import StageError, run_stage
+from stages.common.parallel import SERIAL, ParallelConfig, map_items
+from stages.common.params import PARAMS_FILE, load, section
+from stages.common.cli import stage_parser
 
 REPORT_FILE = "report.json"
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg"}
@@ -202,13 +202,13 @@ def plan_outputs(images: pa.Table, fmt: str) -> dict[str, str]:
 
 
 def remove_stale_temp_files(work: Path) -> None:
-    """A killed run can leave the hidden temp files of stages.atomic; they must not reach the output."""
+    """A killed run can leave the hidden temp files of stages.common.atomic; they must not reach the output."""
     for tmp in work.rglob(".*.tmp-*"):
         tmp.unlink()
 
 
 def resize_all(jobs: list[Job], cfg: ResizeConfig, parallel: ParallelConfig = SERIAL) -> list[Failure]:
-    """Run the jobs (in parallel as `parallel` says, see stages.parallel); returns the images that could not be read."""
+    """Run the jobs (in parallel as `parallel` says, see stages.common.parallel); returns the images that could not be read."""
     results = map_items(partial(resize_file, cfg=cfg), jobs, parallel, "resize", label=attrgetter("path"), unit="img")
     return [Failure(job.image_id, job.path, error) for job, error in zip(jobs, results) if error is not None]
 
@@ -295,11 +295,11 @@ def resize(input_dir: Path | str, output_dir: Path | str, params_path: Path | st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, required=True, help="prepared dataset, e.g. data/prepared")
-    parser.add_argument("--output", type=Path, required=True, help="output directory, e.g. data/resized")
+    parser = stage_parser(__doc__, "python -m stages.resize --prepared data/prepared --out data/resized",
+                          "output directory: the resized images and their manifests, report.json")
+    parser.add_argument("--prepared", type=Path, required=True, help="the `prepare` stage's folder")
     args = parser.parse_args(argv)
-    run_stage(lambda: print(resize(args.input, args.output)))
+    run_stage(lambda: print(resize(args.prepared, args.out, args.params)))
 
 
 if __name__ == "__main__":

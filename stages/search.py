@@ -34,15 +34,15 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch import nn
 from torchvision.transforms import v2
 
-from stages import shards
-from stages.atomic import staged_dir
-from stages.cli import StageError, run_stage
-from stages.embedding import embed_captions, embed_gallery
-from stages.loaders import decode_image
-from stages.modeling import load_model
-from stages.retrieval import chunked_topk
-from stages.text import tokenizer_from_state
-from stages.training import autocast, pick_device, place_model, to_device
+from stages.shards import store
+from stages.common.atomic import staged_dir
+from stages.common.errors import StageError, run_stage
+from stages.retrieval.embedding import embed_captions, embed_gallery
+from stages.shards.loaders import decode_image
+from stages.modeling.factory import load_model
+from stages.retrieval.topk import chunked_topk
+from stages.modeling.text import tokenizer_from_state
+from stages.common.device import autocast, pick_device, place_model, to_device
 
 RESULTS_FILE, INDEX_FILE, GRID_FILE = "results.json", "index.html", "grid.png"
 # grid.png: `columns` tiles a row, each result image fitted into tile x tile, a label band under it, PAD around.
@@ -74,14 +74,14 @@ def load_matching_model(path: Path, device: torch.device):
 
 def gallery_count(shard_dir: Path, split: str) -> int:
     """Images in a split's gallery; an unknown split or one without gallery shards is an error."""
-    if not shards.shard_paths(shard_dir, split, "gallery"):  # raises for an unknown split
+    if not store.shard_paths(shard_dir, split, "gallery"):  # raises for an unknown split
         raise StageError(f"{shard_dir}: split {split!r} has no gallery shards")
-    return int(shards.read_index(shard_dir)["splits"][split]["gallery"]["count"])
+    return int(store.read_index(shard_dir)["splits"][split]["gallery"]["count"])
 
 
 def gallery_image_size(shard_dir: Path, split: str) -> tuple[int, int]:
     """(width, height) of the split's first gallery image: the size every gallery image was resized to."""
-    for _, _, data in shards.iter_gallery(shard_dir, split):
+    for _, _, data in store.iter_gallery(shard_dir, split):
         with Image.open(io.BytesIO(data)) as img:
             return img.size
     raise StageError(f"{shard_dir}: split {split!r} has no gallery images")
@@ -90,7 +90,7 @@ def gallery_image_size(shard_dir: Path, split: str) -> tuple[int, int]:
 def gallery_images(shard_dir: Path, split: str, image_ids: set[str]) -> dict[str, bytes]:
     """{image id: image file bytes} of the named gallery images of a split."""
     found = {}
-    for image_id, _, data in shards.iter_gallery(shard_dir, split):
+    for image_id, _, data in store.iter_gallery(shard_dir, split):
         if image_id in image_ids:
             found[image_id] = data
             if len(found) == len(image_ids):
@@ -171,7 +171,7 @@ def search_captions(model, tokenizer, image: torch.Tensor, shard_dir: Path, spli
     query = encode_image_query(model, image, device)
     caption_ids, image_ids, features = embed_captions(model, tokenizer, shard_dir, split, batch_size, device)
     check_k(k, len(caption_ids), "captions", split)
-    texts = [text for _, _, text in shards.iter_captions(shard_dir, split)]  # the order embed_captions read
+    texts = [text for _, _, text in store.iter_captions(shard_dir, split)]  # the order embed_captions read
     return [Result(rank, score, image_ids[row], texts[row], caption_ids[row])
             for rank, (row, score) in enumerate(top_k(query, features, k), start=1)], len(caption_ids)
 
@@ -285,18 +285,24 @@ def write_output(out: Path, query: dict, query_image: bytes | None, results: lis
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example (from the repository root, after `dvc repro` with task: matching):\n"
+               "  python -m stages.search --model data/train/model.pt --shards data/shards --text 'a red circle' "
+               "--out search/red")
     parser.add_argument("--model", type=Path, required=True, help="an image-text matching checkpoint (dual_encoder)")
-    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
+    parser.add_argument("--split", default="test", help="the split whose gallery is searched (default: test)")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="rank the split's gallery images by this caption")
     query.add_argument("--image", type=Path, help="rank the split's captions by this image file")
     query.add_argument("--image-id", help="rank the split's captions by this gallery image of the split")
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--k", type=int, default=8, help="results to show (default: 8)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory: index.html, grid.png, results.json, the result images")
+    parser.add_argument("--batch-size", type=int, default=256, help="gallery images embedded at once (default: 256)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (default: auto, CUDA when present)")
     parser.add_argument("--tile", type=int, default=128, help="grid.png: each result fitted into tile x tile pixels")
     parser.add_argument("--columns", type=int, default=4, help="grid.png: results per row")
     args = parser.parse_args(argv)

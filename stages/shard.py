@@ -1,21 +1,20 @@
 """Stage `shard`: the resized dataset -> WebDataset tar shards per split, with a checksummed index.
 
-    python -m stages.shard --input data/resized --output data/shards
+    python -m stages.shard --resized data/resized --out data/shards
 
 Reads the `shard` and `parallel` sections of params.yaml. For every split: gallery shards (one
 sample per image, with every caption of the image from captions.parquet when the input has one, else
 its manifest caption) and query shards (one sample per query, with both images), in manifest order;
 folds.json, when the input has one, is copied beside them. Layout and sample format in
-stages.shards. The output directory appears only once complete.
+stages.shards.store. The output directory appears only once complete.
 
 Where each shard ends is planned here, from the image file sizes (stat) and the json members, exactly
 as webdataset's ShardWriter would cut the stream (`plan_shards`); each tar is then written whole, by
-`shards.write_shards`, in parallel as `parallel` says (stages.parallel): the same bytes as one
+`store.write_shards`, in parallel as `parallel` says (stages.common.parallel): the same bytes as one
 sequential ShardWriter, whatever the workers.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
@@ -29,11 +28,13 @@ import pyarrow as pa
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages import captions, manifest, shards
-from stages.atomic import staged_dir, write_json
-from stages.cli import StageError, run_stage
-from stages.parallel import SERIAL, ParallelConfig, map_items
-from stages.params import PARAMS_FILE, load, section
+from stages.datasets import captions, manifest
+from stages.shards import store
+from stages.common.atomic import staged_dir, write_json
+from stages.common.errors import StageError, run_stage
+from stages.common.parallel import SERIAL, ParallelConfig, map_items
+from stages.common.params import PARAMS_FILE, load, section
+from stages.common.cli import stage_parser
 
 
 @section
@@ -62,16 +63,16 @@ class Summary:
 def gallery_samples(images: list[dict[str, str]], input_dir: Path,
                     captions_of: dict[str, list[dict[str, str]]] | None, read=Path.read_bytes):
     """`captions_of`: image_id -> its captions as {caption_id, text}; None = each image's own caption."""
-    for sample_key, image in zip(shards.unique_keys(i["image_id"] for i in images), images):
+    for sample_key, image in zip(store.unique_keys(i["image_id"] for i in images), images):
         own = None if captions_of is None else captions_of[image["image_id"]]
-        yield shards.gallery_sample(sample_key, image["image_id"], image["caption"], input_dir / image["path"], own,
+        yield store.gallery_sample(sample_key, image["image_id"], image["caption"], input_dir / image["path"], own,
                                     read)
 
 
 def query_samples(queries: list[dict[str, str]], path_of: dict[str, str], input_dir: Path, read=Path.read_bytes):
-    for sample_key, query in zip(shards.unique_keys(q["query_id"] for q in queries), queries):
+    for sample_key, query in zip(store.unique_keys(q["query_id"] for q in queries), queries):
         reference, target = input_dir / path_of[query["reference_id"]], input_dir / path_of[query["target_id"]]
-        yield shards.query_sample(sample_key, query, reference, target, read)
+        yield store.query_sample(sample_key, query, reference, target, read)
 
 
 def rows_by_split(table: pa.Table, splits: list[str]) -> dict[str, list[dict[str, str]]]:
@@ -145,11 +146,11 @@ def plan_shards(samples, maxcount: int, maxsize: int) -> list[list[dict[str, Any
 
 
 def write_shard(job: ShardJob, maxcount: int, maxsize: int) -> dict[str, Any]:
-    """Write one planned shard with shards.write_shards (aside, then renamed to its number); its index entry."""
+    """Write one planned shard with store.write_shards (aside, then renamed to its number); its index entry."""
     samples = ({k: v.read() if isinstance(v, ImageFile) else v for k, v in sample.items()} for sample in job.samples)
     aside = job.work / f".{job.split}-{job.kind}-{job.number:06d}.partial"
     try:
-        entry = shards.write_shards(aside, job.split, job.kind, samples, maxcount, maxsize)  # read as written
+        entry = store.write_shards(aside, job.split, job.kind, samples, maxcount, maxsize)  # read as written
         if len(entry["shards"]) != 1 or entry["count"] != len(job.samples):  # the plan must match ShardWriter
             raise RuntimeError(f"{job.file}: planned {len(job.samples)} samples in one shard, "
                                f"ShardWriter wrote {[s['count'] for s in entry['shards']]}")
@@ -170,19 +171,19 @@ def plan_split(work: Path, split: str, images: list[dict[str, str]], queries: li
                "queries": query_samples(queries, path_of, input_dir, ImageFile.stat)}
     return {kind: [ShardJob(work, split, kind, number, planned)
                    for number, planned in enumerate(plan_shards(samples[kind], cfg.maxcount, cfg.maxsize))]
-            for kind in shards.KINDS}
+            for kind in store.KINDS}
 
 
 def write_splits(work: Path, plans: dict[str, dict[str, list[ShardJob]]], cfg: ShardConfig,
                  parallel: ParallelConfig) -> dict[str, dict[str, Any]]:
     """Write every planned shard of every split (one parallel run); the index's "splits"."""
-    jobs = [job for kinds in plans.values() for kind in shards.KINDS for job in kinds[kind]]
+    jobs = [job for kinds in plans.values() for kind in store.KINDS for job in kinds[kind]]
     written = iter(map_items(partial(write_shard, maxcount=cfg.maxcount, maxsize=cfg.maxsize), jobs, parallel,
                              "shard", label=attrgetter("file"), unit="shard"))
     index: dict[str, dict[str, Any]] = {}
     for split, kinds in plans.items():
         index[split] = {}
-        for kind in shards.KINDS:
+        for kind in store.KINDS:
             entries = [next(written) for _ in kinds[kind]]
             index[split][kind] = {"count": sum(e["count"] for e in entries), "shards": entries}
     return index
@@ -191,7 +192,7 @@ def write_splits(work: Path, plans: dict[str, dict[str, list[ShardJob]]], cfg: S
 def total_megabytes(shard_dir: Path, splits: dict[str, dict[str, Any]]) -> float:
     sizes = [
         (shard_dir / shard["file"]).stat().st_size
-        for kinds in splits.values() for kind in shards.KINDS for shard in kinds[kind]["shards"]
+        for kinds in splits.values() for kind in store.KINDS for shard in kinds[kind]["shards"]
     ]
     return sum(sizes) / 1e6
 
@@ -203,7 +204,7 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig,
     images, queries = manifest.read(input_dir)
     splits = sorted(set(images.column("split").to_pylist()))
     for split in splits:
-        shards.check_split_name(split)
+        store.check_split_name(split)
     images_of, queries_of = rows_by_split(images, splits), rows_by_split(queries, splits)
     path_of = dict(zip(images.column("image_id").to_pylist(), images.column("path").to_pylist()))
     captions_of = image_captions(input_dir, images)
@@ -211,10 +212,10 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig,
     with staged_dir(output_dir) as work:
         plans = {split: plan_split(work, split, images_of[split], queries_of[split], path_of, input_dir, cfg,
                                    captions_of) for split in splits}
-        index: dict[str, Any] = {"format": shards.INDEX_FORMAT, "splits": write_splits(work, plans, cfg, parallel)}
+        index: dict[str, Any] = {"format": store.INDEX_FORMAT, "splits": write_splits(work, plans, cfg, parallel)}
         if (input_dir / captions.FOLDS_FILE).exists():
-            index["folds"] = shards.write_folds(work, input_dir / captions.FOLDS_FILE)
-        write_json(work / shards.INDEX_FILE, index)
+            index["folds"] = store.write_folds(work, input_dir / captions.FOLDS_FILE)
+        write_json(work / store.INDEX_FILE, index)
         megabytes = total_megabytes(work, index["splits"])
     return Summary(index["splits"], megabytes, time.perf_counter() - start)
 
@@ -227,11 +228,11 @@ def shard(input_dir: Path | str, output_dir: Path | str, params_path: Path | str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, required=True, help="resized dataset, e.g. data/resized")
-    parser.add_argument("--output", type=Path, required=True, help="output directory, e.g. data/shards")
+    parser = stage_parser(__doc__, "python -m stages.shard --resized data/resized --out data/shards",
+                          "output directory: <split>/gallery-*.tar, <split>/queries-*.tar, index.json")
+    parser.add_argument("--resized", type=Path, required=True, help="the `resize` stage's folder")
     args = parser.parse_args(argv)
-    run_stage(lambda: print(shard(args.input, args.output)))
+    run_stage(lambda: print(shard(args.resized, args.out, args.params)))
 
 
 if __name__ == "__main__":

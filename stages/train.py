@@ -10,7 +10,6 @@ python -m stages.train --init data/pretrain/model.pt --shards data/shards \
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -20,21 +19,32 @@ import torch
 from pydantic import Field
 from typing_extensions import Annotated
 
-from models.losses import offline_negative_hinge
-from stages import distributed, shards
-from stages.atomic import write_json
-from stages.cli import StageError, run_stage
-from stages.loaders import decode_image, matching_batches, training_batches
-from stages.aoq import AOQNegatives, aoq_batch_loss
-from stages.rerank import SIAM_FILE, build_siam, save_siam, siam_step
-from stages.mine import CANDIDATES_FILE, NEGATIVES_FILE, read_negatives
-from stages.modeling import as_vector, load_model, save_model
-from stages.objectives import (GAConfig, LossConfig, check_ga_task, isotropic_noise, matching_loss, training_loss,
-                               with_ga)
-from stages.params import PARAMS_FILE, ParamsError, load, read_task, section
-from stages.text import tokenizer_from_state
-from stages.training import (LoopConfig, autocast, compile_model, file_digest, fingerprint, fit, output_dir, pick_device,
-                             place_model, seed_everything, to_device)
+from models.losses.metric import offline_negative_hinge
+from stages.common import distributed
+from stages.shards import store
+from stages.common.atomic import write_json
+from stages.common.errors import StageError, run_stage
+from stages.shards.loaders import decode_image, matching_batches, training_batches
+from stages.training.aoq import AOQNegatives, aoq_batch_loss
+from stages.retrieval.rerank import SIAM_FILE
+from stages.training.siam import build_siam, save_siam, siam_step
+from stages.retrieval.offline_candidates import CANDIDATES_FILE
+from stages.retrieval.negatives import NEGATIVES_FILE, read_negatives
+from stages.modeling.factory import as_vector, load_model, save_model
+from stages.training.objectives import (
+    GAConfig,
+    LossConfig,
+    check_ga_task,
+    isotropic_noise,
+    matching_loss,
+    training_loss,
+    with_ga,
+)
+from stages.common.params import PARAMS_FILE, ParamsError, load, read_task, section
+from stages.modeling.text import tokenizer_from_state
+from stages.training.loop import LoopConfig, compile_model, file_digest, fingerprint, fit, output_dir, seed_everything
+from stages.common.device import autocast, pick_device, place_model, to_device
+from stages.common.cli import stage_parser
 
 
 @section
@@ -68,15 +78,17 @@ class NegativeSampler:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", type=Path, required=True, help="pretrained checkpoint")
-    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
+    parser = stage_parser(__doc__, "python -m stages.train --init data/pretrain/model.pt --shards data/shards "
+                          "--mined data/mined --out data/train --metrics metrics/train.json",
+                          "output directory: model.pt (+ siam.pt), dvclive curves in live/")
+    parser.add_argument("--init", type=Path, required=True, help="the pretrained checkpoint to fine-tune")
+    parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     parser.add_argument("--mined", type=Path, required=True, help="the `mine` stage's folder")
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    cfg, loss_cfg, ga, task = load(TrainConfig, "train"), load(LossConfig, "loss"), load(GAConfig, "ga"), read_task()
+    cfg, loss_cfg = load(TrainConfig, "train", args.params), load(LossConfig, "loss", args.params)
+    ga, task = load(GAConfig, "ga", args.params), read_task(args.params)
     check_ga_task(ga, task)
     if cfg.siam_steps and cfg.distributed.nproc_per_node > 1:
         raise ParamsError(f"{PARAMS_FILE}: train.siam_steps: SIAM trains in one process; "
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         return distributed.stop()
     sampler = None
     if cfg.offline_negatives:
-        images = {image_id: data for image_id, _, data in shards.iter_gallery(args.shards, "train")}
+        images = {image_id: data for image_id, _, data in store.iter_gallery(args.shards, "train")}
         sampler = NegativeSampler(read_negatives(mined), images, cfg.negatives_per_query, cfg.seed)
 
     def step(model, batch):
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             logs["negatives_hinge"] = hinge.item()
         return loss, logs
 
-    key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined), shards.index_digest(args.shards))
+    key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined), store.index_digest(args.shards))
     with output_dir(args.out, key, world) as work:
         batches = training_batches(args.shards, "train", distributed.local_batch(cfg.batch_size, "train"),
                                    cfg.shuffle_buffer, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
@@ -142,7 +154,7 @@ def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, los
         return matching_loss(model, loss_cfg, tokenizer, batch, device)
 
     key = fingerprint("matching", cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined),
-                      shards.index_digest(args.shards))
+                      store.index_digest(args.shards))
     with output_dir(args.out, key, world) as work:
         if (work / "model.pt").is_file():  # a crash during SIAM training: the dual encoder is done
             model.load_state_dict(torch.load(work / "model.pt", map_location=device, weights_only=False)["model"])

@@ -3,19 +3,18 @@
     python -m stages.vocabulary --shards data/shards --out data/vocab
 
 Reads only the `vocabulary` section of params.yaml. Builds the vocabulary from the query texts of
-split `vocabulary.split` with tokenizer `vocabulary.tokenizer` (stages.vocab) and writes
+split `vocabulary.split` with tokenizer `vocabulary.tokenizer` (stages.modeling.vocab) and writes
 
     <out>/vocab.json        Vocab.state_dict() (tokenizer, words, counts) + size, texts, split
                             (+ glove_path, glove_dim, glove_found, glove_missing with GloVe)
     <out>/word_vectors.npy  only when vocabulary.glove_path is set: float32, len(vocab) x glove_dim,
-                            row i = word id i, row 0 = <UNK> (a random row, see stages.glove)
+                            row i = word id i, row 0 = <UNK> (a random row, see stages.modeling.glove)
 
 GloVe is read from the local file `vocabulary.glove_path` (a .txt, or a .zip holding it); it is never
 downloaded. The output directory appears only once complete.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -23,14 +22,14 @@ import numpy as np
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages import shards
-from stages.atomic import atomic_path, staged_dir, write_json
-from stages.cli import StageError, run_stage
-from stages.glove import read_glove
-from stages.params import PARAMS_FILE, load, section
-from stages.vocab import Vocab
+from stages.shards import store
+from stages.common.atomic import atomic_path, staged_dir, write_json
+from stages.common.errors import StageError, run_stage
+from stages.modeling.glove import read_glove
+from stages.common.params import PARAMS_FILE, load, section
+from stages.common.cli import stage_parser
+from stages.modeling.vocab import VECTORS_FILE, VOCAB_FILE, Vocab
 
-VOCAB_FILE, VECTORS_FILE = "vocab.json", "word_vectors.npy"
 
 
 @section
@@ -44,18 +43,18 @@ class VocabularyConfig:
 
 def build(shard_dir: Path | str, out: Path | str, cfg: VocabularyConfig) -> dict[str, Any]:
     """Write `out` (see the module doc); returns what vocab.json holds besides the state."""
-    shard_dir, out = shards.location(shard_dir), Path(out)
+    shard_dir, out = store.location(shard_dir), Path(out)
     glove = None
     if cfg.glove_path is not None:
         glove = Path(cfg.glove_path)
         if not glove.is_file():
             raise StageError(f"vocabulary.glove_path: {glove} does not exist (GloVe is never downloaded; "
                              f"put the file there or set vocabulary.glove_path: null)")
-    shards.read_index(shard_dir)
+    store.read_index(shard_dir)
     if cfg.texts == "queries":
-        train_texts = [query["text"] for query in shards.iter_queries(shard_dir, cfg.split)]
+        train_texts = [query["text"] for query in store.iter_queries(shard_dir, cfg.split)]
     else:
-        train_texts = [text for _, _, text in shards.iter_captions(shard_dir, cfg.split)]
+        train_texts = [text for _, _, text in store.iter_captions(shard_dir, cfg.split)]
     if not train_texts:
         raise StageError(f"{shard_dir}: split {cfg.split!r} has no {cfg.texts} to build a vocabulary from")
     vocab = Vocab.build(train_texts, cfg.tokenizer)
@@ -92,11 +91,11 @@ def vocabulary(shard_dir: Path | str, out: Path | str, params_path: Path | str =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=shards.location, required=True, help=shards.LOCATION_HELP)
-    parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. data/vocab")
+    parser = stage_parser(__doc__, "python -m stages.vocabulary --shards data/shards --out data/vocab",
+                          "output directory: vocab.json (+ word_vectors.npy with GloVe)")
+    parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     args = parser.parse_args(argv)
-    run_stage(lambda: print(vocabulary(args.shards, args.out)))
+    run_stage(lambda: print(vocabulary(args.shards, args.out, args.params)))
 
 
 if __name__ == "__main__":

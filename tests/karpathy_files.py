@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from stages.download import DownloadConfig
+from stages.datasets.download import DownloadConfig
 
 # Downloads in tests: one quick attempt, no backoff.
 DOWNLOAD = DownloadConfig(workers=2, retries=0, backoff_seconds=0.0, timeout_seconds=10.0)

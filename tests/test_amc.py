@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.amc import (AMC, EMA, AMCTextEncoder, DynamicExpertLayer, amc_loss, bbc_loss, bsc_loss,
-                        ensemble_similarity)
+from models.composed.amc import AMC, AMCTextEncoder, DynamicExpertLayer, ensemble_similarity
+from stages.training.ema import EMA
+from models.losses.amc import amc_loss, bbc_loss, bsc_loss
 
 D, B, V = 16, 4, 12
 
@@ -114,7 +115,8 @@ def test_gradients_reach_every_parameter_and_trunk_bn_is_frozen():
     assert not bn.training and model.layers[0].router.training
     before = bn.running_mean.clone()
     images, tokens, lengths, targets = batch()
-    total, terms = model.loss(images, tokens, lengths, targets)
+    layers = model.compose_layers(model.encode_reference(images), model.encode_text(tokens, lengths))
+    total, terms = amc_loss(layers, model.encode_image(targets))  # the training path (models.losses LOSSES['amc'])
     assert set(terms) == {"bbc", "bsc"} and torch.isfinite(total)
     total.backward()
     assert torch.equal(bn.running_mean, before)

@@ -5,9 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import captions, manifest
-from stages.captions import CAPTIONS_FILE, CAPTIONS_SCHEMA
-from stages.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA, ManifestError
+from stages.datasets import captions, manifest
+from stages.datasets.captions import CAPTIONS_FILE, CAPTIONS_SCHEMA
+from stages.datasets.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
+from stages.common.errors import ManifestError
 
 IMAGES = [
     {"image_id": "a", "path": "images/a.jpg", "split": "train", "caption": "a dog"},

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages import manifest
-from stages.cli import StageError
+from stages.datasets import manifest
+from stages.common.errors import StageError
 from stages.datasets import cirr
 from stages.datasets.cirr import Config
-from stages.download import DownloadConfig
+from stages.datasets.download import DownloadConfig
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 DOWNLOAD = DownloadConfig(workers=2, retries=0, backoff_seconds=0.0, timeout_seconds=5.0)

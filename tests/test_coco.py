@@ -16,10 +16,10 @@ import pyarrow as pa
 import pytest
 from karpathy_files import DOWNLOAD, five, record, write_jpeg, write_karpathy
 
-from stages import captions, manifest
-from stages.cli import StageError
+from stages.datasets import captions, manifest
+from stages.common.errors import StageError
 from stages.datasets import coco
-from stages.params import ParamsError, parse
+from stages.common.params import ParamsError, parse
 
 FIRST_RAWS = [  # the first Karpathy test image, as DATASETS.md §7 quotes it (4 of them made up)
     "A man with a red helmet on a small moped on a dirt road. ",

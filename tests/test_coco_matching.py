@@ -19,9 +19,10 @@ import pytest
 import torch
 import yaml
 
-from stages import evaluate, mine, prepare, pretrain, resize, shard, shards, train, vocabulary
-from stages.embedding import embed_captions, embed_gallery, load_for_embedding
-from stages.matching_metrics import i2t_t2i
+from stages import evaluate, mine, prepare, pretrain, resize, shard, train, vocabulary
+from stages.shards import store
+from stages.retrieval.embedding import embed_captions, embed_gallery, load_for_embedding
+from stages.retrieval.matching_metrics import i2t_t2i
 from test_coco import MISSING, coco_records, coco_sources
 from karpathy_files import write_karpathy
 from tiny_repo import REPO
@@ -40,8 +41,8 @@ LOOP = dict(batch_size=5, workers=0, shuffle_buffer=15, device="cpu", log_every=
 # The commands of dvc.yaml, minus `python -m stages.<name>`.
 COMMANDS = [
     (prepare, ["--out", "data/prepared"]),
-    (resize, ["--input", "data/prepared", "--output", "data/resized"]),
-    (shard, ["--input", "data/resized", "--output", "data/shards"]),
+    (resize, ["--prepared", "data/prepared", "--out", "data/resized"]),
+    (shard, ["--resized", "data/resized", "--out", "data/shards"]),
     (vocabulary, ["--shards", "data/shards", "--out", "data/vocab"]),
     (pretrain, ["--shards", "data/shards", "--vocab", "data/vocab", "--out", "data/pretrain",
                 "--metrics", "metrics/pretrain.json"]),
@@ -122,17 +123,17 @@ def test_prepared_counts_are_the_fixture(coco_run):
 def test_shards_carry_every_caption_and_the_folds(coco_run):
     root, _ = coco_run
     shard_dir = root / "data/shards"
-    shards.verify(shard_dir)
+    store.verify(shard_dir)
     counts = prepared_counts(root)
     for split in ("train", "val", "test"):
-        triples = list(shards.iter_captions(shard_dir, split))
+        triples = list(store.iter_captions(shard_dir, split))
         per_image = Counter(image_id for _, image_id, _ in triples)
         assert len(per_image) == counts[split]["images"]
         assert set(per_image.values()) == {CAPTIONS_PER_IMAGE}
         assert len(triples) == CAPTIONS_PER_IMAGE * counts[split]["images"] == counts[split]["captions"]
-    folds = shards.read_folds(shard_dir)
+    folds = store.read_folds(shard_dir)
     assert folds == json.loads((root / "data/prepared/folds.json").read_text())
-    test_ids = [image_id for image_id, _, _ in shards.iter_gallery(shard_dir, "test")]
+    test_ids = [image_id for image_id, _, _ in store.iter_gallery(shard_dir, "test")]
     assert folds == {"0": test_ids[0:2], "1": test_ids[2:4]}  # Karpathy order, the fifth left over
 
 
@@ -141,7 +142,7 @@ def test_candidates_have_the_aoq_shapes(coco_run):
     with np.load(root / "data/mined/candidates.npz") as data:
         i2t, t2i = data["i2t"], data["t2i"]
         image_ids, caption_ids = data["image_ids"].tolist(), data["caption_ids"].tolist()
-    train_captions = list(shards.iter_captions(root / "data/shards", "train"))
+    train_captions = list(store.iter_captions(root / "data/shards", "train"))
     assert len(image_ids) == 3 and len(caption_ids) == len(train_captions) == 15
     assert i2t.shape == (len(image_ids), I2T_K) and t2i.shape == (len(caption_ids), T2I_K)
     image_of = {caption_id: image_id for caption_id, image_id, _ in train_captions}
@@ -185,7 +186,7 @@ def test_metrics_match_a_recomputation_per_fold(coco_run):
     assert i2t_t2i(images, texts, text_image, KS) == metrics["all"]
 
     per_fold = []
-    for ids in shards.read_folds(shard_dir).values():
+    for ids in store.read_folds(shard_dir).values():
         rows = [row[i] for i in ids]
         keep = [c for c, i in enumerate(caption_images) if i in ids]
         local = torch.tensor([rows.index(row[caption_images[c]]) for c in keep])

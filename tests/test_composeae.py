@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.composeae import ComposeAE, complex_rotation, loss_weights, total_loss
-from models.losses import batch_based_classification
+from models.composed.composeae import ComposeAE, complex_rotation
+from models.losses.composeae import RELEASED_WEIGHTS, total_loss
+from models.losses.metric import batch_based_classification
 
 D, TEXT_DIM, VOCAB = 16, 24, 10
 
@@ -54,7 +55,7 @@ def test_gradients_reach_every_parameter_through_total_loss():
     loss = total_loss(main, aux)
     expected = main + 0.1 * aux["reconstruction_image"] + 0.1 * aux["reconstruction_text"] + 0.01 * aux[
         "rotational_symmetry"]
-    assert loss_weights == (1.0, 0.1, 0.1, 0.01) and torch.allclose(loss, expected)
+    assert RELEASED_WEIGHTS == (1.0, 0.1, 0.1, 0.01) and torch.allclose(loss, expected)
     loss.backward()
     for name, p in model.named_parameters():
         if name == "a":  # only a0, a1 are used, as in the released code

@@ -6,11 +6,12 @@ import pytest
 import torch
 import yaml
 
-from stages.modeling import ModelConfig, as_vector, build_model, zeros_like
-from stages.objectives import GAConfig, LossConfig, metric_loss, training_loss, with_ga
-from stages.params import ParamsError, parse
-from stages.training import LoopConfig, fit
-from stages.vocab import Vocab
+from stages.modeling.factory import ModelConfig, as_vector, build_model, zeros_like
+from models.losses.metric import metric_loss
+from stages.training.objectives import GAConfig, LossConfig, training_loss, with_ga
+from stages.common.params import ParamsError, parse
+from stages.training.loop import LoopConfig, fit
+from stages.modeling.vocab import Vocab
 from tiny_repo import REPO
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

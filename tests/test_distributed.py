@@ -1,4 +1,4 @@
-"""Data-parallel training (stages.distributed): two gloo processes on 127.0.0.1 against one process."""
+"""Data-parallel training (stages.common.distributed): two gloo processes on 127.0.0.1 against one process."""
 import json
 import os
 import socket
@@ -12,10 +12,10 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from stages.objectives import LossConfig, matching_loss, training_loss
-from stages.params import parse
-from stages.training import LoopConfig, fit
-from stages.vocab import Vocab
+from stages.training.objectives import LossConfig, matching_loss, training_loss
+from stages.common.params import parse
+from stages.training.loop import LoopConfig, fit
+from stages.modeling.vocab import Vocab
 from tiny_repo import TINY, copy_repository, merge, model_params, run
 
 PARAMS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -44,7 +44,7 @@ def rows(batch: dict, start: int, stop: int) -> dict:
 
 
 def build(task: str):
-    from stages.modeling import ModelConfig, build_model
+    from stages.modeling.factory import ModelConfig, build_model
 
     torch.manual_seed(0)
     name, loss = ("dual_encoder", "nce") if task == "matching" else ("tirg", "bbc")
@@ -163,8 +163,8 @@ def tiny_shards(tmp_path_factory):
                         "shard": {"maxcount": 50}, "model": {"text": {"dropout": 0.0}}})
     params = merge(yaml.safe_load((repo / "params.yaml").read_text()), tiny)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["stages.prepare", "--out", "data/prepared"], ["stages.resize", "--input", "data/prepared", "--output",
-                "data/resized"], ["stages.shard", "--input", "data/resized", "--output", "data/shards"],
+    for cmd in (["stages.prepare", "--out", "data/prepared"], ["stages.resize", "--prepared", "data/prepared", "--out",
+                "data/resized"], ["stages.shard", "--resized", "data/resized", "--out", "data/shards"],
                 ["stages.vocabulary", "--shards", "data/shards", "--out", "data/vocab"]):
         run([sys.executable, "-m", *cmd], repo)
     return repo

@@ -1,4 +1,4 @@
-"""stages.download against a real HTTP server on 127.0.0.1 whose answers each test scripts per path."""
+"""stages.datasets.download against a real HTTP server on 127.0.0.1 whose answers each test scripts per path."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stages.download import DownloadConfig, Item, Result, fetch, fetch_all, part_path, write_report
-from stages.params import ParamsError, parse
+from stages.datasets.download import DownloadConfig, Item, Result, fetch, fetch_all, part_path, write_report
+from stages.common.params import ParamsError, parse
 
 DATA = bytes(range(256)) * 800  # 200 KiB, every byte position distinguishable modulo 256
 BIG = bytes(range(251)) * 12_000  # ~2.9 MiB: more than the 1 MiB chunks the downloader writes

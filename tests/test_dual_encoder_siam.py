@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.dual_encoder import DualEncoder
+from models.matching.dual_encoder import DualEncoder
 from models.encoders import LSTMTextEncoder
-from models.siam import SIAM, map_regions
+from models.matching.siam import SIAM, map_regions
 
 B, D, V = 4, 8, 10
 

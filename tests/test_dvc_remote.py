@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import shards
+from stages.shards import store
 from tiny_repo import make_tiny_repo, run, set_param
 
 OUTPUTS = ("data/shards", "data/vocab", "data/pretrain")
@@ -48,14 +48,14 @@ def test_pull_restores_shards_and_model_byte_identical(pushed):
     run(["dvc", "pull", *UP_TO_PRETRAIN], repo)
     assert digests(repo) == before
     assert json.loads(run(["dvc", "status", "--json", *UP_TO_PRETRAIN], repo).stdout) == {}  # clean
-    shards.verify(repo / "data/shards")
+    store.verify(repo / "data/shards")
 
 
 def test_shards_stream_from_the_remote_through_dvc_fs_without_a_pull(pushed, monkeypatch):
     repo, _, before = pushed
     remove_outputs_and_cache(repo)
     monkeypatch.chdir(repo)  # dvc:// is DVCFileSystem on the repository in the current directory
-    assert shards.index_digest("dvc://data/shards") == before["data/shards/index.json"]
-    gallery = list(shards.iter_gallery("dvc://data/shards", "test"))
-    assert len(gallery) == shards.read_index("dvc://data/shards")["splits"]["test"]["gallery"]["count"] > 0
+    assert store.index_digest("dvc://data/shards") == before["data/shards/index.json"]
+    gallery = list(store.iter_gallery("dvc://data/shards", "test"))
+    assert len(gallery) == store.read_index("dvc://data/shards")["splits"]["test"]["gallery"]["count"] > 0
     assert not (repo / "data").exists()  # streamed from the remote: nothing checked out

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages import manifest
-from stages.cli import StageError
+from stages.datasets import manifest
+from stages.common.errors import StageError
 from stages.datasets import fashion200k
 from stages.datasets.fashion200k import clean_caption, modification_text, parent_captions
-from stages.download import DownloadConfig
+from stages.datasets.download import DownloadConfig
 
 DOWNLOAD = DownloadConfig(workers=1, retries=0, backoff_seconds=0.0, timeout_seconds=5.0)
 D, T = "women/dresses", "women/tops/blouses"

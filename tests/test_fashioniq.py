@@ -21,11 +21,11 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from stages import manifest
-from stages.cli import StageError
+from stages.datasets import manifest
+from stages.common.errors import StageError
 from stages.datasets import fashioniq
 from stages.datasets.fashioniq import Config, parse_url_list, query_text
-from stages.download import DownloadConfig
+from stages.datasets.download import DownloadConfig
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 # The two hosts of the URL lists (g-ecx: brand-logo placeholders) and where the fake web serves them.

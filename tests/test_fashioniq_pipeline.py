@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import evaluate, pretrain, shards, vocabulary
-from stages.params import parse
+from stages import evaluate, pretrain, vocabulary
+from stages.shards import store
+from stages.common.params import parse
 from stages.prepare import prepare
 from stages.resize import ResizeConfig, run_resize
 from stages.shard import ShardConfig, run_shard
@@ -40,7 +41,7 @@ def fashioniq_shards(web, tmp_path_factory):  # noqa: F811
     run_resize(root / "prepared", root / "resized", parse(ResizeConfig, "resize", dict(
         size=32, mode="pad", pad_value=255, format="jpeg", jpeg_quality=90)))
     run_shard(root / "resized", root / "shards", parse(ShardConfig, "shard", dict(maxcount=25, maxsize=10**8)))
-    shards.verify(root / "shards")
+    store.verify(root / "shards")
     return root / "shards"
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from karpathy_files import DOWNLOAD, five, record, write_jpeg, write_karpathy
 
-from stages import captions, manifest
-from stages.cli import StageError
+from stages.datasets import captions, manifest
+from stages.common.errors import StageError
 from stages.datasets import flickr30k
-from stages.params import parse
+from stages.common.params import parse
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 ID_MAPPING = FIXTURES / "flickr30k" / "id_mapping.json"

@@ -1,11 +1,11 @@
-"""GA regularisers (models/ga.py): adversarial input-gradient penalty and isotropic gradient noise."""
+"""GA regularisers (models/losses/ga.py): adversarial input-gradient penalty and isotropic gradient noise."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from models.ga import adversarial_penalty, isotropic_gradient_noise, isotropic_term
+from models.losses.ga import adversarial_penalty, isotropic_gradient_noise, isotropic_term
 
 B, C, H, W = 4, 3, 2, 5
 D = C * H * W

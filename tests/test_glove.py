@@ -1,4 +1,4 @@
-"""stages.glove: streaming GloVe rows for a vocabulary from a .txt or a .zip."""
+"""stages.modeling.glove: streaming GloVe rows for a vocabulary from a .txt or a .zip."""
 from __future__ import annotations
 
 import zipfile
@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from stages.glove import VAL_OOV_STD, read_glove, zip_member
+from stages.modeling.glove import VAL_OOV_STD, read_glove, zip_member
 
 GLOVE_4D = "the 1 1 1 1\nred 0.5 0 0 -0.5\n. 7 7 7 7\nblue 2 2 2 2\nred 9 9 9 9\n"
 

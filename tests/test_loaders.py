@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from stages.datasets import shapes
-from stages.embedding import embed_gallery, embed_queries
-from stages.loaders import decode_image, training_batches
-from stages.modeling import ModelConfig, build_model
+from stages.retrieval.embedding import embed_gallery, embed_queries
+from stages.shards.loaders import decode_image, training_batches
+from stages.modeling.factory import ModelConfig, build_model
 from tiny_repo import model_params
-from stages.params import parse
+from stages.common.params import parse
 from stages.resize import ResizeConfig, run_resize
 from stages.shard import ShardConfig, run_shard
-from stages import manifest
-from stages.vocab import Vocab
+from stages.datasets import manifest
+from stages.modeling.vocab import Vocab
 
 SHAPES = dict(seed=3, image_size=32, min_objects=2, max_objects=4, train_queries=48, test_queries=16,
               novel_queries=16, novel_combos=4, queries_per_reference=8)

@@ -2,8 +2,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import manifest
-from stages.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA, ManifestError
+from stages.datasets import manifest
+from stages.datasets.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
+from stages.common.errors import ManifestError
 
 
 def tables(images=None, queries=None):

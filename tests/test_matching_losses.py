@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from models.matching_losses import (aoq_loss, nce_loss, sample_offline_negatives, symmetric_info_nce,
-                                    vse_max_violation)
+from models.losses.matching import aoq_loss, nce_loss, sample_offline_negatives, symmetric_info_nce, vse_max_violation
 
 # ---------------------------------------------------------------------------------------------- NCE (spec §4.2)
 

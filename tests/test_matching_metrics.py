@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.matching_metrics import coco_1k_folds, fold_rows, i2t_ranks, i2t_t2i, t2i_ranks
+from stages.retrieval.matching_metrics import coco_1k_folds, fold_rows, i2t_ranks, i2t_t2i, t2i_ranks
 
 # Hand-built case: 3 images on the axes of R^3, so score(image j, caption c) = C[c, j] exactly
 # (dyadic values, no rounding). Captions 0-4 belong to image 0, 5-9 to image 1, 10-14 to image 2.

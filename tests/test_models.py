@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from models.encoders import LSTMTextEncoder, SmallCNN
-from models.losses import batch_based_classification, offline_negative_hinge, soft_triplet
-from models.tirg import TIRG
-from stages.modeling import ModelConfig, build_model
+from models.losses.metric import batch_based_classification, offline_negative_hinge, soft_triplet
+from models.composed.tirg import TIRG
+from stages.modeling.factory import ModelConfig, build_model
 from tiny_repo import model_params
-from stages.params import ParamsError, parse
-from stages.vocab import Vocab, tokenize
+from stages.common.params import ParamsError, parse
+from stages.modeling.vocab import Vocab, tokenize
 
 MODEL = model_params(**{"name": "tirg", "embed_dim": 32, "norm_scale": 4.0,
     "image": {"encoder": "small_cnn", "weights": None, "channels": [8, 16]},

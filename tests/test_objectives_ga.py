@@ -2,13 +2,13 @@
 import torch
 import yaml
 
-from models.ga import adversarial_penalty
-from models.losses import batch_based_classification
-from stages.modeling import ModelConfig, build_model
-from stages.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
+from models.losses.ga import adversarial_penalty
+from models.losses.metric import batch_based_classification
+from stages.modeling.factory import ModelConfig, build_model
+from stages.training.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
 from tiny_repo import REPO, model_params
-from stages.params import parse
-from stages.vocab import Vocab
+from stages.common.params import parse
+from stages.modeling.vocab import Vocab
 
 MODEL = model_params(**{"name": "tirg", "embed_dim": 16, "norm_scale": 4.0,
          "image": {"encoder": "small_cnn", "weights": None, "channels": [4]},

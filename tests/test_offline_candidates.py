@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.cli import StageError
-from stages.offline_candidates import mine_candidates, read_candidates, write_candidates
+from stages.common.errors import StageError
+from stages.retrieval.offline_candidates import mine_candidates, read_candidates, write_candidates
 
 
 def _data(seed: int, integer: bool = False):

@@ -1,4 +1,4 @@
-"""stages.parallel: prepare, resize and shard give the same bytes on a process pool, on a 2-worker local Dask
+"""stages.common.parallel: prepare, resize and shard give the same bytes on a process pool, on a 2-worker local Dask
 cluster (through Prefect) and on a running Dask scheduler as in one process; a failing item is named, never hangs."""
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import pytest
 import yaml
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from stages import manifest, parallel, prepare, resize, shard, shards
-from stages.cli import StageError
-from stages.parallel import ParallelConfig, map_items
-from stages.params import ParamsError, parse
+from stages.datasets import manifest
+from stages.common import parallel
+from stages import prepare, resize, shard
+from stages.shards import store
+from stages.common.errors import StageError
+from stages.common.parallel import ParallelConfig, map_items
+from stages.common.params import ParamsError, parse
 from tiny_repo import REPO, TINY
 
 # Workers unpickle this module's functions by value: they need not import the tests.
@@ -159,10 +162,10 @@ def test_planned_shards_are_the_shards_shardwriter_writes(serial_run, tmp_path, 
     splits = sorted(set(images.column("split").to_pylist()))
     path_of = dict(zip(images.column("image_id").to_pylist(), images.column("path").to_pylist()))
     images_of, queries_of = shard.rows_by_split(images, splits), shard.rows_by_split(queries, splits)
-    index = {"format": shards.INDEX_FORMAT, "splits": {split: {
-        "gallery": shards.write_shards(tmp_path / "stream", split, "gallery",
+    index = {"format": store.INDEX_FORMAT, "splits": {split: {
+        "gallery": store.write_shards(tmp_path / "stream", split, "gallery",
                                        shard.gallery_samples(images_of[split], resized, None), maxcount, maxsize),
-        "queries": shards.write_shards(tmp_path / "stream", split, "queries",
+        "queries": store.write_shards(tmp_path / "stream", split, "queries",
                                        shard.query_samples(queries_of[split], path_of, resized), maxcount, maxsize),
     } for split in splits}}
     planned = tree(tmp_path / "planned")
@@ -195,7 +198,7 @@ def test_a_local_dask_cluster_writes_the_serial_bytes(prefect_api, serial_run, t
     dask_run = run_stages(tmp_path, params)
     for stage in ("prepared", "resized", "shards"):
         assert tree(dask_run[stage]) == tree(serial_run[stage]), stage
-    shards.verify(dask_run["shards"])
+    store.verify(dask_run["shards"])
 
 
 def test_a_running_scheduler_named_by_address_is_used(prefect_api, serial_run, scheduler, tmp_path):
@@ -204,7 +207,7 @@ def test_a_running_scheduler_named_by_address_is_used(prefect_api, serial_run, s
     params = write_params(tmp_path / "params.yaml", {**DASK_LOCAL, "address": scheduler.scheduler_address})
     dask_run = run_stages(tmp_path, params, prepared=serial_run["prepared"])
     images = manifest.read(serial_run["prepared"])[0].num_rows
-    tars = sum(len(k["shards"]) for s in shards.read_index(dask_run["shards"])["splits"].values() for k in s.values())
+    tars = sum(len(k["shards"]) for s in store.read_index(dask_run["shards"])["splits"].values() for k in s.values())
     per_task = DASK_LOCAL["items_per_task"]  # one Prefect task = one Dask task on the scheduler
     assert finished.count - before == math.ceil(images / per_task) + math.ceil(tars / per_task)
     for stage in ("resized", "shards"):

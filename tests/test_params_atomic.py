@@ -1,11 +1,11 @@
 import pytest
 import yaml
 
-from stages.atomic import atomic_path, partial_dir, staged_dir, write_json
+from stages.common.atomic import atomic_path, partial_dir, staged_dir, write_json
 from stages.evaluate import EvaluateConfig
-from stages.params import ParamsError, load, parse
+from stages.common.params import ParamsError, load, parse
 from stages.train import TrainConfig
-from stages.training import LoopConfig
+from stages.training.loop import LoopConfig
 
 
 def repo_params():

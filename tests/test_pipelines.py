@@ -15,7 +15,7 @@ from pipelines.repro import repro
 from pipelines.serve import deployments
 from pipelines import report
 from pipelines.sweep import combinations, parse_grid, sweep
-from stages.params import parse
+from stages.common.params import parse
 from tiny_repo import STAGES, make_tiny_repo, set_param
 
 

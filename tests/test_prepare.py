@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import manifest, prepare
-from stages.datasets import ADAPTERS, load_adapter
-from stages.params import ParamsError, parse
+from stages.datasets import manifest
+from stages import prepare
+from stages.datasets.registry import ADAPTERS, load_adapter
+from stages.common.params import ParamsError, parse
 
 SHAPES = dict(
     seed=0,

@@ -6,7 +6,7 @@ weight on that image's coordinate.
 import pytest
 import torch
 
-from stages.protocols import PROTOCOLS, score
+from stages.retrieval.protocols import PROTOCOLS, score
 
 
 def record(query_id, reference_id, target_id):

@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from models.siam import SIAM, map_regions
-from stages.rerank import rerank_t2i
+from models.matching.siam import SIAM, map_regions
+from stages.retrieval.rerank import rerank_t2i
 
 
 def test_rerank_orders_each_captions_top_k_by_siam_cosine():

@@ -11,9 +11,10 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from stages import manifest, resize
-from stages.atomic import partial_dir
-from stages.params import ParamsError, parse
+from stages.datasets import manifest
+from stages import resize
+from stages.common.atomic import partial_dir
+from stages.common.params import ParamsError, parse
 
 PARAMS = dict(size=32, mode="center_crop", pad_value=0, format="png", jpeg_quality=90)
 SERIAL = dict(runner="processes", workers=1, address=None, items_per_task=64)  # the `parallel` section
@@ -215,7 +216,7 @@ def test_cli_exits_2_with_the_key_on_bad_params(dataset, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"resize": {**PARAMS, "mode": "stretch"}}))
     with pytest.raises(SystemExit) as exit_info:
-        resize.main(["--input", str(dataset), "--output", str(tmp_path / "resized")])
+        resize.main(["--prepared", str(dataset), "--out", str(tmp_path / "resized")])
     assert exit_info.value.code == 2
     assert "error: params.yaml: resize.mode" in capsys.readouterr().err
     assert not (tmp_path / "resized").exists()
@@ -225,7 +226,7 @@ def test_cli_exits_2_on_a_missing_manifest(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"resize": PARAMS, "parallel": SERIAL}))
     with pytest.raises(SystemExit) as exit_info:
-        resize.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "resized")])
+        resize.main(["--prepared", str(tmp_path / "nothing"), "--out", str(tmp_path / "resized")])
     assert exit_info.value.code == 2
     assert "images.parquet: missing" in capsys.readouterr().err
 
@@ -234,7 +235,7 @@ def test_cli_prints_the_summary(dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"resize": PARAMS, "parallel": SERIAL,
                                                           "shard": {"maxcount": "not read"}}))
-    resize.main(["--input", str(dataset), "--output", str(tmp_path / "resized")])
+    resize.main(["--prepared", str(dataset), "--out", str(tmp_path / "resized")])
     assert "resize: images 3 in, 3 out (0 resumed), 0 corrupt; queries 2 in, 2 out" in capsys.readouterr().out
 
 

@@ -4,8 +4,8 @@ import json
 import pyarrow as pa
 from PIL import Image
 
-from stages import captions, manifest
-from stages.params import parse
+from stages.datasets import captions, manifest
+from stages.common.params import parse
 from stages.resize import ResizeConfig, run_resize
 
 

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from stages.mine import MineConfig, mine, read_negatives, to_table
-from stages import retrieval
-from stages.retrieval import block_scores, chunked_topk, recall_at_k, whm_over_recall_levels, whm_over_splits
+from stages.mine import MineConfig
+from stages.retrieval.negatives import hard_negatives, read_negatives, to_table
+from stages.retrieval import topk
+from stages.retrieval.topk import block_scores, chunked_topk, recall_at_k
+from stages.retrieval.whm import whm_over_recall_levels, whm_over_splits
 
 
 def test_recall_at_k_on_hand_built_embeddings():
@@ -87,7 +89,7 @@ def test_block_scores_equal_the_matmul(shape):
 @pytest.mark.parametrize("dense", [0.0, 0.25, 1.0])  # every block compared whole, the default, groups only
 @pytest.mark.parametrize("k", [1, 50, 300])
 def test_chunked_topk_at_the_default_block_size_matches_brute_force(k, dense, monkeypatch):
-    monkeypatch.setattr(retrieval, "DENSE", dense)
+    monkeypatch.setattr(topk, "DENSE", dense)
     # several default-sized blocks, rows whose hit counts differ. Entries are multiples of 2^-9 below 1,
     # so every dot product is exact in float32 whatever the BLAS's order; ties can occur, in any order.
     g = torch.Generator().manual_seed(3)
@@ -133,7 +135,7 @@ def test_mining_matches_brute_force_and_never_returns_the_target(tmp_path):
     queries, gallery = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
     targets = torch.randint(0, 30, (40,), generator=g)
     cfg = MineConfig(k=5, query_chunk=6, gallery_chunk=7, batch_size=8, device="cpu", aoq_i2t_k=1, aoq_t2i_k=1)
-    scores, indices = mine(queries, targets, gallery, cfg)
+    scores, indices = hard_negatives(queries, targets, gallery, cfg)
     for row in range(40):
         sims = queries[row] @ gallery.T
         sims[targets[row]] = float("-inf")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import captions
-from stages.cli import StageError
-from stages.manifest import ManifestError
+from stages.datasets import captions
+from stages.common.errors import StageError
+from stages.common.errors import ManifestError
 from stages.datasets import scan_precomp
 from stages.datasets.scan_precomp import read_id_mapping, read_lines, read_split
 

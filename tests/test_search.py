@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stages import search, shards
-from stages.cli import StageError
-from stages.embedding import embed_captions, embed_gallery, load_for_embedding
-from stages.modeling import ModelConfig, build_model, save_model
-from stages.params import parse
-from stages.text import tokenizer_from_state
+from stages import search
+from stages.shards import store
+from stages.common.errors import StageError
+from stages.retrieval.embedding import embed_captions, embed_gallery, load_for_embedding
+from stages.modeling.factory import ModelConfig, build_model, save_model
+from stages.common.params import parse
+from stages.modeling.text import tokenizer_from_state
 from test_matching_pipeline import switch_to_matching
 from tiny_repo import make_tiny_repo, run
 
@@ -42,8 +43,8 @@ def embedded(trained):
     model, tokenizer = load_for_embedding(model_path, CPU)
     image_ids, captions, images = embed_gallery(model, shard_dir, "test", 64, CPU)
     caption_ids, caption_images, texts = embed_captions(model, tokenizer, shard_dir, "test", 64, CPU)
-    image_bytes = {image_id: data for image_id, _, data in shards.iter_gallery(shard_dir, "test")}
-    caption_text = {caption_id: text for caption_id, _, text in shards.iter_captions(shard_dir, "test")}
+    image_bytes = {image_id: data for image_id, _, data in store.iter_gallery(shard_dir, "test")}
+    caption_text = {caption_id: text for caption_id, _, text in store.iter_captions(shard_dir, "test")}
     return {"model": model, "tokenizer": tokenizer, "image_ids": image_ids, "captions": captions, "images": images,
             "caption_ids": caption_ids, "caption_images": caption_images, "texts": texts,
             "image_bytes": image_bytes, "caption_text": caption_text}

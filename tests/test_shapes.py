@@ -10,7 +10,7 @@ import re
 import pytest
 from PIL import Image
 
-from stages import manifest
+from stages.datasets import manifest
 from stages.datasets import shapes
 from stages.datasets.shapes import (
     ALL_COMBOS,
@@ -25,7 +25,7 @@ from stages.datasets.shapes import (
     image_id,
     parse_caption,
 )
-from stages.params import ParamsError, parse
+from stages.common.params import ParamsError, parse
 
 SMALL = dict(
     seed=0,

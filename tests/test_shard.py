@@ -13,9 +13,11 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from stages import manifest, shard, shards
-from stages.cli import StageError
-from stages.params import ParamsError, parse
+from stages.datasets import manifest
+from stages import shard
+from stages.shards import store
+from stages.common.errors import StageError
+from stages.common.params import ParamsError, parse
 
 REAL_IDS = [
     "women/dresses/casual_and_day_dresses/51727804/51727804_0.jpeg",
@@ -69,7 +71,7 @@ def test_round_trip_gallery_and_queries(resized, tmp_path):
     out = tmp_path / "shards"
     shard.run_shard(resized, out, config())
     images, queries = manifest.read(resized)
-    index = shards.read_index(out)
+    index = store.read_index(out)
     assert sorted(index["splits"]) == ["test", "train"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # webdataset warns about implicit arguments: pass them all
@@ -77,14 +79,14 @@ def test_round_trip_gallery_and_queries(resized, tmp_path):
         warnings.simplefilter("ignore", ResourceWarning)
         for split in ("train", "test"):
             rows = [r for r in images.to_pylist() if r["split"] == split]
-            gallery = list(shards.iter_gallery(out, split))
+            gallery = list(store.iter_gallery(out, split))
             assert [(i, c) for i, c, _ in gallery] == [(r["image_id"], r["caption"]) for r in rows]
             assert [data for _, _, data in gallery] == [(resized / r["path"]).read_bytes() for r in rows]
             assert index["splits"][split]["gallery"]["count"] == len(rows)
 
             path_of = {r["image_id"]: r["path"] for r in images.to_pylist()}
             query_rows = [q for q in queries.to_pylist() if q["split"] == split]
-            read_back = list(shards.iter_queries(out, split))
+            read_back = list(store.iter_queries(out, split))
             assert [{k: q[k] for k in ("query_id", "reference_id", "target_id", "text")} for q in read_back] == [
                 {k: q[k] for k in ("query_id", "reference_id", "target_id", "text")} for q in query_rows
             ]
@@ -97,24 +99,24 @@ def test_round_trip_gallery_and_queries(resized, tmp_path):
 def test_keys_read_back_by_webdataset_equal_key_of_the_id(resized, tmp_path):
     out = tmp_path / "shards"
     shard.run_shard(resized, out, config())
-    urls = shards.shard_paths(out, "train", "gallery")
+    urls = store.shard_paths(out, "train", "gallery")
     samples = list(wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False))
     assert len(samples) == len(REAL_IDS)
     for sample in samples:
         image_id = json.loads(sample["json"])["image_id"]
-        assert sample["__key__"] == shards.key(image_id)
+        assert sample["__key__"] == store.key(image_id)
         assert {k for k in sample if not k.startswith("__")} in ({"json", "png"}, {"json", "jpg"})
-    queries = list(wds.WebDataset(shards.shard_paths(out, "train", "queries"), shardshuffle=False,
+    queries = list(wds.WebDataset(store.shard_paths(out, "train", "queries"), shardshuffle=False,
                                   nodesplitter=None, empty_check=False))
     for sample in queries:
-        assert sample["__key__"] == shards.key(json.loads(sample["json"])["query_id"])
+        assert sample["__key__"] == store.key(json.loads(sample["json"])["query_id"])
         assert {k.split(".")[0] for k in sample if not k.startswith("__")} == {"ref", "tgt", "json"}
 
 
 def test_maxcount_splits_into_the_expected_shards(resized, tmp_path):
     out = tmp_path / "shards"
     shard.run_shard(resized, out, config(maxcount=3))
-    train = shards.read_index(out)["splits"]["train"]
+    train = store.read_index(out)["splits"]["train"]
     assert [s["count"] for s in train["gallery"]["shards"]] == [3, 3, 1]
     assert [s["file"] for s in train["gallery"]["shards"]] == [
         "train/gallery-000000.tar", "train/gallery-000001.tar", "train/gallery-000002.tar"
@@ -122,35 +124,35 @@ def test_maxcount_splits_into_the_expected_shards(resized, tmp_path):
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
         [f"gallery-{n:06d}.tar" for n in range(3)] + [f"queries-{n:06d}.tar" for n in range(3)]
     )
-    assert [Path(p).name for p in shards.shard_paths(out, "test", "queries")] == ["queries-000000.tar"]
-    assert all(Path(p).is_absolute() for p in shards.shard_paths(out, "train", "gallery"))
+    assert [Path(p).name for p in store.shard_paths(out, "test", "queries")] == ["queries-000000.tar"]
+    assert all(Path(p).is_absolute() for p in store.shard_paths(out, "train", "gallery"))
 
 
 def test_maxsize_closes_a_shard_once_its_payload_reaches_the_limit(resized, tmp_path):
     out = tmp_path / "shards"
     shard.run_shard(resized, out, config(maxcount=1000, maxsize=1))
-    gallery = shards.read_index(out)["splits"]["train"]["gallery"]
+    gallery = store.read_index(out)["splits"]["train"]["gallery"]
     assert [s["count"] for s in gallery["shards"]] == [1] * len(REAL_IDS)
 
 
 def test_index_checksums_match_and_verify_detects_a_flipped_byte(resized, tmp_path):
     out = tmp_path / "shards"
     shard.run_shard(resized, out, config())
-    index = shards.read_index(out)
+    index = store.read_index(out)
     for kinds in index["splits"].values():
-        for kind in shards.KINDS:
+        for kind in store.KINDS:
             for entry in kinds[kind]["shards"]:
                 assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
-    shards.verify(out)
+    store.verify(out)
     victim = out / "train/queries-000001.tar"
     data = bytearray(victim.read_bytes())
     data[700] ^= 0x01
     victim.write_bytes(bytes(data))
     with pytest.raises(StageError, match="train/queries-000001.tar: sha256 differs"):
-        shards.verify(out)
+        store.verify(out)
     victim.unlink()
     with pytest.raises(StageError, match="train/queries-000001.tar: shard listed in index.json is missing"):
-        shards.verify(out)
+        store.verify(out)
 
 
 def test_same_input_gives_byte_identical_shards(resized, tmp_path):
@@ -160,25 +162,25 @@ def test_same_input_gives_byte_identical_shards(resized, tmp_path):
 
 
 def test_key_survives_dots_and_slashes_and_never_collides():
-    keys = shards.unique_keys(REAL_IDS)
+    keys = store.unique_keys(REAL_IDS)
     assert len(set(keys)) == len(REAL_IDS)
     for id, k in zip(REAL_IDS, keys):
         assert "." not in k and "/" not in k
-    assert shards.key("B00006M009") == "B00006M009"  # safe ids stay as they are
-    assert shards.key("plain-id_7") == "plain-id_7"
-    assert shards.key("B00006M009.jpg").startswith("B00006M009_jpg-")
-    assert shards.key("B00006M009.jpg") != shards.key("B00006M009_jpg")
+    assert store.key("B00006M009") == "B00006M009"  # safe ids stay as they are
+    assert store.key("plain-id_7") == "plain-id_7"
+    assert store.key("B00006M009.jpg").startswith("B00006M009_jpg-")
+    assert store.key("B00006M009.jpg") != store.key("B00006M009_jpg")
     long_id = "x/" * 200
-    assert len(shards.key(long_id) + ".ref.png") <= 100
-    assert shards.key(long_id) != shards.key(long_id + "y")
+    assert len(store.key(long_id) + ".ref.png") <= 100
+    assert store.key(long_id) != store.key(long_id + "y")
 
 
 def test_unique_keys_raises_when_two_ids_still_share_a_key():
-    crafted = shards.key("a.b")  # a safe id that equals the key of another one
+    crafted = store.key("a.b")  # a safe id that equals the key of another one
     with pytest.raises(StageError, match=r"ids 'a\.b' and '.*' have the same shard key"):
-        shards.unique_keys(["a.b", crafted])
+        store.unique_keys(["a.b", crafted])
     with pytest.raises(StageError, match="empty id"):
-        shards.key("")
+        store.key("")
 
 
 def test_a_split_without_queries_has_no_query_shards(tmp_path):
@@ -186,15 +188,15 @@ def test_a_split_without_queries_has_no_query_shards(tmp_path):
                          [("q", "a", "a")])
     out = tmp_path / "shards"
     shard.run_shard(root, out, config())
-    assert shards.read_index(out)["splits"]["gallery_only"]["queries"] == {"count": 0, "shards": []}
-    assert list(shards.iter_queries(out, "gallery_only")) == []
-    assert [i for i, _, _ in shards.iter_gallery(out, "gallery_only")] == ["b"]
+    assert store.read_index(out)["splits"]["gallery_only"]["queries"] == {"count": 0, "shards": []}
+    assert list(store.iter_queries(out, "gallery_only")) == []
+    assert [i for i, _, _ in store.iter_gallery(out, "gallery_only")] == ["b"]
     assert not list((out / "gallery_only").glob("queries-*"))
 
 
 def test_a_crash_midway_leaves_no_output(resized, tmp_path, monkeypatch):
     out = tmp_path / "shards"
-    real_write = shards.write_shards
+    real_write = store.write_shards
     calls = []
 
     def crash_after_the_first_shards(*args, **kwargs):
@@ -203,7 +205,7 @@ def test_a_crash_midway_leaves_no_output(resized, tmp_path, monkeypatch):
         calls.append(args)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "write_shards", crash_after_the_first_shards)
+    monkeypatch.setattr(store, "write_shards", crash_after_the_first_shards)
     with pytest.raises(RuntimeError, match="disk full"):
         shard.run_shard(resized, out, config())
     assert calls  # the first shards were written before the crash
@@ -219,27 +221,27 @@ def test_a_crash_keeps_the_previous_complete_output(resized, tmp_path, monkeypat
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(shards, "write_shards", crash)
+    monkeypatch.setattr(store, "write_shards", crash)
     with pytest.raises(RuntimeError):
         shard.run_shard(resized, out, config(maxcount=1))
     assert (out / "index.json").read_text() == before
-    shards.verify(out)
+    store.verify(out)
 
 
 def test_read_errors_name_the_file_or_split(resized, tmp_path):
     out = tmp_path / "shards"
     with pytest.raises(StageError, match=f"{out / 'index.json'}: missing"):
-        shards.read_index(out)
+        store.read_index(out)
     out.mkdir()
     (out / "index.json").write_text("{not json")
     with pytest.raises(StageError, match="index.json: not valid JSON"):
-        shards.read_index(out)
+        store.read_index(out)
     (out / "index.json").write_text('{"format": 99, "splits": {}}')
     with pytest.raises(StageError, match="not a shard index of format 1"):
-        shards.read_index(out)
+        store.read_index(out)
     shard.run_shard(resized, out, config())
     with pytest.raises(StageError, match="no split 'novel'"):
-        shards.shard_paths(out, "novel", "gallery")
+        store.shard_paths(out, "novel", "gallery")
 
 
 @pytest.mark.parametrize(
@@ -265,9 +267,9 @@ def test_cli_prints_the_summary_and_exits_2_on_bad_input(resized, tmp_path, monk
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "shard": {"maxcount": 3, "maxsize": 10**9},
         "parallel": {"runner": "processes", "workers": 1, "address": None, "items_per_task": 64}}))
-    shard.main(["--input", str(resized), "--output", str(tmp_path / "shards")])
+    shard.main(["--resized", str(resized), "--out", str(tmp_path / "shards")])
     assert "shard: samples/shards test gallery 3/1 queries 2/1; train gallery 7/3 queries 7/3" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        shard.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "other")])
+        shard.main(["--resized", str(tmp_path / "nothing"), "--out", str(tmp_path / "other")])
     assert exit_info.value.code == 2
     assert "images.parquet: missing" in capsys.readouterr().err

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import captions, manifest, shard, shards
-from stages.atomic import write_json
-from stages.cli import StageError
-from stages.loaders import decode_image, matching_batches
-from stages.manifest import ManifestError
-from stages.params import parse
+from stages.datasets import captions, manifest
+from stages import shard
+from stages.shards import store
+from stages.common.atomic import write_json
+from stages.common.errors import StageError
+from stages.shards.loaders import decode_image, matching_batches
+from stages.common.errors import ManifestError
+from stages.common.params import parse
 from stages.resize import ResizeConfig, run_resize
 from test_shard import config, image_bytes, write_resized
 
@@ -63,15 +65,15 @@ def coco(tmp_path_factory) -> tuple[Path, list[dict[str, str]]]:
 
 def test_gallery_json_lists_every_caption_in_captions_file_order(coco):
     out, rows = coco
-    assert len(shards.shard_paths(out, "train", "gallery")) == 2
-    assert list(shards.iter_captions(out, "train")) == expected_captions(rows)
-    gallery = list(shards.iter_gallery(out, "train"))  # the single manifest caption is still there
+    assert len(store.shard_paths(out, "train", "gallery")) == 2
+    assert list(store.iter_captions(out, "train")) == expected_captions(rows)
+    gallery = list(store.iter_gallery(out, "train"))  # the single manifest caption is still there
     assert [(image_id, caption) for image_id, caption, _ in gallery] == [(i, f"caption of {i}") for i, _, _ in IMAGES]
 
 
 def test_without_a_captions_file_each_image_has_its_manifest_caption(tmp_path):
     shard.run_shard(prepare(tmp_path, None), tmp_path / "shards", config())
-    assert list(shards.iter_captions(tmp_path / "shards", "train")) == [
+    assert list(store.iter_captions(tmp_path / "shards", "train")) == [
         (image_id, image_id, f"caption of {image_id}") for image_id, _, _ in IMAGES
     ]
 
@@ -79,13 +81,13 @@ def test_without_a_captions_file_each_image_has_its_manifest_caption(tmp_path):
 def test_shards_written_before_captions_existed_read_as_one_caption(tmp_path):
     old_sample = {"__key__": "a", "png": image_bytes(9, "PNG"), "json": b'{"caption": "a red cube", "image_id": "a"}'}
     out = tmp_path / "shards"
-    entry = shards.write_shards(out, "train", "gallery", [old_sample], 10, 10**6)
-    write_json(out / shards.INDEX_FILE, {"format": shards.INDEX_FORMAT, "splits": {
+    entry = store.write_shards(out, "train", "gallery", [old_sample], 10, 10**6)
+    write_json(out / store.INDEX_FILE, {"format": store.INDEX_FORMAT, "splits": {
         "train": {"gallery": entry, "queries": {"count": 0, "shards": []}}}})
-    assert list(shards.iter_captions(out, "train")) == [("a", "a", "a red cube")]
+    assert list(store.iter_captions(out, "train")) == [("a", "a", "a red cube")]
     batch = next(matching_batches(out, "train", 1, 4, seed=0, workers=0))
     assert (batch["caption_id"], batch["image_id"], batch["text"]) == (["a"], ["a"], ["a red cube"])
-    assert shards.read_folds(out) is None
+    assert store.read_folds(out) is None
 
 
 def test_an_image_without_a_caption_is_an_error_naming_file_and_image(tmp_path):
@@ -100,11 +102,11 @@ def test_an_image_without_a_caption_is_an_error_naming_file_and_image(tmp_path):
 def test_folds_json_is_copied_listed_read_back_and_verified(coco, tmp_path):
     out, _ = coco
     folds_file = out / "folds.json"
-    index = shards.read_index(out)
+    index = store.read_index(out)
     assert index["folds"] == {"file": "folds.json", "sha256": hashlib.sha256(folds_file.read_bytes()).hexdigest()}
     assert folds_file.read_bytes() == (out.parent / "resized/folds.json").read_bytes()
-    assert shards.read_folds(out) == FOLDS
-    shards.verify(out)
+    assert store.read_folds(out) == FOLDS
+    store.verify(out)
 
     copy = tmp_path / "shards"
     copy.mkdir()
@@ -114,17 +116,17 @@ def test_folds_json_is_copied_listed_read_back_and_verified(coco, tmp_path):
             (copy / path.relative_to(out)).write_bytes(path.read_bytes())
     (copy / "folds.json").write_text(json.dumps({"0": ["000009"]}))
     with pytest.raises(StageError, match="folds.json: sha256 differs from index.json"):
-        shards.verify(copy)
+        store.verify(copy)
     (copy / "folds.json").unlink()
     with pytest.raises(StageError, match="folds.json: file listed in index.json is missing"):
-        shards.verify(copy)
+        store.verify(copy)
 
 
 def test_no_folds_file_no_folds_and_a_bad_one_is_an_error(tmp_path):
     resized = prepare(tmp_path, caption_rows())
     shard.run_shard(resized, tmp_path / "shards", config())
-    assert "folds" not in shards.read_index(tmp_path / "shards")
-    assert shards.read_folds(tmp_path / "shards") is None
+    assert "folds" not in store.read_index(tmp_path / "shards")
+    assert store.read_folds(tmp_path / "shards") is None
     (resized / "folds.json").write_text(json.dumps({"0": "000009"}))
     with pytest.raises(StageError, match=r"folds.json: not a folds file"):
         shard.run_shard(resized, tmp_path / "other", config())
@@ -147,7 +149,7 @@ def test_matching_batches_give_every_pair_once_an_epoch_reproducibly(coco):
     other = two_epochs(1)
     assert [list(zip(batch["image_id"], batch["caption_id"])) for batch in other] != ids
 
-    images = {image_id: decode_image(data) for image_id, _, data in shards.iter_gallery(out, "train")}
+    images = {image_id: decode_image(data) for image_id, _, data in store.iter_gallery(out, "train")}
     for batch in a:
         assert batch["image"].shape == (4, 3, 8, 8) and batch["image"].dtype == torch.float32
         assert batch["text"] == [text_of[c] for c in batch["caption_id"]]

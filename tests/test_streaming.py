@@ -18,9 +18,9 @@ import torch
 import yaml
 from webdataset.gopen import gopen_curl, gopen_schemes
 
-from stages import shards
-from stages.cli import StageError
-from stages.loaders import training_batches
+from stages.shards import store
+from stages.common.errors import StageError
+from stages.shards.loaders import training_batches
 from stages.vocabulary import vocabulary
 from test_loaders import data  # noqa: F401  (the module's tiny shapes shards, built by the real stages)
 from tiny_repo import REPO, TINY, merge
@@ -48,24 +48,24 @@ def assert_same_batches(got: list[dict], expected: list[dict]) -> None:
 
 
 def test_location_tells_urls_from_paths():
-    assert shards.location("data/shards") == Path("data/shards")
-    assert shards.location(Path("/x/shards")) == Path("/x/shards")
-    assert shards.location("http://127.0.0.1:8000/shards/") == "http://127.0.0.1:8000/shards"
-    assert shards.location("s3://bucket/shards") == "s3://bucket/shards"
-    assert shards.location("file:///tmp/shards") == "file:///tmp/shards"
+    assert store.location("data/shards") == Path("data/shards")
+    assert store.location(Path("/x/shards")) == Path("/x/shards")
+    assert store.location("http://127.0.0.1:8000/shards/") == "http://127.0.0.1:8000/shards"
+    assert store.location("s3://bucket/shards") == "s3://bucket/shards"
+    assert store.location("file:///tmp/shards") == "file:///tmp/shards"
 
 
 def test_webdataset_streams_http_with_curl_and_other_protocols_through_fsspec():
     assert gopen_schemes["http"] is gopen_curl and gopen_schemes["https"] is gopen_curl
     for protocol in ("s3", "gcs", "az", "memory", "dvc"):
-        assert gopen_schemes[protocol] is shards._gopen_fsspec
+        assert gopen_schemes[protocol] is store._gopen_fsspec
 
 
 def test_training_batches_from_http_equal_the_local_ones(data, served):  # noqa: F811
     url, _, requests = served
     assert_same_batches(batches(url), batches(data / "shards"))
     assert "/shards/index.json" in requests
-    assert {f"/shards/{s.split('/shards/')[1]}" for s in shards.shard_paths(url, "train", "queries")} <= set(requests)
+    assert {f"/shards/{s.split('/shards/')[1]}" for s in store.shard_paths(url, "train", "queries")} <= set(requests)
 
 
 def test_training_batches_from_http_in_worker_processes_equal_the_local_ones(data, served):  # noqa: F811
@@ -76,25 +76,25 @@ def test_training_batches_from_http_in_worker_processes_equal_the_local_ones(dat
 def test_gallery_queries_captions_and_digest_from_http_equal_the_local_ones(data, served):  # noqa: F811
     url, _, _ = served
     local = data / "shards"
-    assert shards.shard_paths(url, "test", "gallery")[0].startswith(f"{url}/test/gallery-")
-    assert list(shards.iter_gallery(url, "test")) == list(shards.iter_gallery(local, "test"))
-    assert list(shards.iter_queries(url, "novel")) == list(shards.iter_queries(local, "novel"))
-    assert list(shards.iter_captions(url, "train")) == list(shards.iter_captions(local, "train"))
-    assert shards.read_index(url) == shards.read_index(local)
-    assert shards.index_digest(url) == shards.index_digest(local) == shards.file_sha256(local / "index.json")
-    assert shards.read_folds(url) is None
-    shards.verify(url)
+    assert store.shard_paths(url, "test", "gallery")[0].startswith(f"{url}/test/gallery-")
+    assert list(store.iter_gallery(url, "test")) == list(store.iter_gallery(local, "test"))
+    assert list(store.iter_queries(url, "novel")) == list(store.iter_queries(local, "novel"))
+    assert list(store.iter_captions(url, "train")) == list(store.iter_captions(local, "train"))
+    assert store.read_index(url) == store.read_index(local)
+    assert store.index_digest(url) == store.index_digest(local) == store.file_sha256(local / "index.json")
+    assert store.read_folds(url) is None
+    store.verify(url)
 
 
 def test_a_missing_shard_on_the_server_is_an_error_naming_its_url(served):
     url, copy, _ = served
-    gone = shards.shard_paths(url, "train", "queries")[1]
+    gone = store.shard_paths(url, "train", "queries")[1]
     (copy / "train" / gone.rsplit("/", 1)[1]).unlink()
     expected = f"{gone}: shard listed in index.json is missing (HTTP 404)"
     with pytest.raises(StageError, match=re.escape(expected)):
-        list(shards.iter_queries(url, "train"))
+        list(store.iter_queries(url, "train"))
     with pytest.raises(StageError, match=re.escape(expected)):
-        shards.verify(url)
+        store.verify(url)
     with pytest.raises(StageError, match=re.escape(gone)):  # every epoch reads every shard: the first one fails
         batches(url, n=6)
     with pytest.raises(StageError, match=re.escape(gone)):  # raised in a DataLoader worker, re-raised here
@@ -104,24 +104,24 @@ def test_a_missing_shard_on_the_server_is_an_error_naming_its_url(served):
 def test_a_missing_index_or_server_is_an_error_naming_the_url(served):
     url, _, _ = served
     with pytest.raises(StageError, match=rf"{url}/nothing/index.json: missing \(HTTP 404\) \(did the shard stage"):
-        shards.read_index(f"{url}/nothing")
+        store.read_index(f"{url}/nothing")
     with pytest.raises(StageError, match=r"http://127.0.0.1:9/shards/index.json: unreadable \(ClientConnectorError"):
-        shards.index_digest("http://127.0.0.1:9/shards")
+        store.index_digest("http://127.0.0.1:9/shards")
 
 
 def test_a_shard_cut_at_a_sample_boundary_is_an_error_not_a_short_epoch(data, served):  # noqa: F811
     import tarfile
 
     url, copy, _ = served
-    shard = shards.shard_paths(url, "train", "queries")[0]
+    shard = store.shard_paths(url, "train", "queries")[0]
     path = copy / "train" / shard.rsplit("/", 1)[1]
     with tarfile.open(path) as tar:
         members = tar.getmembers()
     second_sample = next(m for m in members if m.name.split(".")[0] != members[0].name.split(".")[0])
     path.write_bytes(path.read_bytes()[:second_sample.offset] + bytes(1024))  # a valid, shorter tar
-    count = shards.read_index(copy)["splits"]["train"]["queries"]["shards"][0]["count"]
+    count = store.read_index(copy)["splits"]["train"]["queries"]["shards"][0]["count"]
     with pytest.raises(StageError, match=re.escape(f"{shard}: read 1 samples where index.json counts {count}")):
-        list(shards.iter_queries(url, "train"))
+        list(store.iter_queries(url, "train"))
     with pytest.raises(StageError, match=re.escape(shard)):
         batches(url, n=6)
 
@@ -129,7 +129,7 @@ def test_a_shard_cut_at_a_sample_boundary_is_an_error_not_a_short_epoch(data, se
 def test_a_file_url_reads_like_the_local_directory(data):  # noqa: F811
     url = (data / "shards").resolve().as_uri()
     assert url.startswith("file:///")
-    assert list(shards.iter_gallery(url, "test")) == list(shards.iter_gallery(data / "shards", "test"))
+    assert list(store.iter_gallery(url, "test")) == list(store.iter_gallery(data / "shards", "test"))
     assert_same_batches(batches(url, n=2), batches(data / "shards", n=2))
 
 
@@ -138,11 +138,11 @@ def test_a_protocol_without_a_webdataset_opener_streams_through_fsspec(data):  #
     fs.put(str(data / "shards"), "/streaming-test/shards", recursive=True)
     try:
         url = "memory://streaming-test/shards"
-        assert list(shards.iter_queries(url, "test")) == list(shards.iter_queries(data / "shards", "test"))
-        gone = shards.shard_paths(url, "test", "gallery")[0]
+        assert list(store.iter_queries(url, "test")) == list(store.iter_queries(data / "shards", "test"))
+        gone = store.shard_paths(url, "test", "gallery")[0]
         fs.rm(gone)
         with pytest.raises(StageError, match=re.escape(f"{gone}: shard listed in index.json is missing")):
-            list(shards.iter_gallery(url, "test"))
+            list(store.iter_gallery(url, "test"))
     finally:
         fs.rm("/streaming-test", recursive=True)
 

@@ -1,11 +1,12 @@
-"""TIRG-LastConv (models/tirg_lastconv.py): gated residual on the last conv map."""
+"""TIRG-LastConv (models/composed/tirg_lastconv.py): gated residual on the last conv map."""
 import pytest
 import torch
 from torch import nn
 
 from models.encoders import LSTMTextEncoder
-from models.losses import batch_based_classification
-from models.tirg_lastconv import TIRGLastConv, resnet_trunk
+from models.losses.metric import batch_based_classification
+from models.composed.tirg_lastconv import TIRGLastConv
+from models.encoders import resnet_last_map
 
 VOCAB, B = 20, 3
 
@@ -36,7 +37,7 @@ def test_shapes_with_a_tiny_extractor():
 
 def test_shapes_with_the_resnet18_trunk():
     torch.manual_seed(0)
-    trunk, channels = resnet_trunk(18)
+    trunk, channels = resnet_last_map(18)
     assert channels == 512
     m = _model(channels=channels, text_dim=16, out_dim=32, extractor=trunk)
     images = torch.randn(2, 3, 64, 64)
@@ -46,11 +47,11 @@ def test_shapes_with_the_resnet18_trunk():
 
 
 def test_resnet_trunk_keeps_torchvision_key_names():
-    trunk, channels = resnet_trunk(50)
+    trunk, channels = resnet_last_map(50)
     assert channels == 2048
     assert {"conv1.weight", "bn1.weight", "layer4.2.conv3.weight"} <= set(trunk.state_dict())
     with pytest.raises(ValueError):
-        resnet_trunk(34)
+        resnet_last_map(34)
 
 
 def test_gradients_reach_every_parameter():

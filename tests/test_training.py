@@ -3,8 +3,8 @@ import itertools
 import pytest
 import torch
 
-from stages.params import parse
-from stages.training import LoopConfig, fit
+from stages.common.params import parse
+from stages.training.loop import LoopConfig, fit
 
 LOOP = dict(seed=0, steps=6, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, lr_decay_every=3,
             lr_decay=0.5, optimizer="sgd", ema_decay=0.0, ema_as_released_every=0, shuffle_buffer=0, workers=0, device="cpu", checkpoint_every=2, log_every=1,
@@ -59,8 +59,8 @@ def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
 
 
 def test_compile_model_compiles_every_part_and_keeps_the_outputs_and_weights():
-    from stages.modeling import ModelConfig, build_model
-    from stages.training import compile_model
+    from stages.modeling.factory import ModelConfig, build_model
+    from stages.training.loop import compile_model
     from tiny_repo import model_params
 
     cfg = parse(ModelConfig, "model", model_params(embed_dim=16, image={"channels": [8, 16]},

@@ -4,8 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from models.val import (VAL, CompositeTransformer, VALTextEncoder, level_map_sizes, matching_loss,
-                        resnet_levels, scaled_dot_attention, val_loss)
+from models.composed.val import (
+    VAL,
+    CompositeTransformer,
+    VALTextEncoder,
+    level_map_sizes,
+    resnet_levels,
+    scaled_dot_attention,
+)
+from models.losses.val import bidirectional_matching_loss, val_loss
 
 # the full-map spatial-gate kernel is even-sized; torch warns that SAME padding then copies the input
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -122,11 +129,11 @@ def test_matching_loss_hand_values():
     g = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     # d⁺ = [0, 0.4]; d(f0,g1) = 0.8, d(f1,g0) = 2; no semi-hard mask: L₁ = mean(relu(0-0.8+.2), relu(.4-2+.2)) = 0
     # g→f: d(g0,f1) = 2, d(g1,f0) = 0.8 -> mean(0, relu(.4-.8+.2)) = 0
-    assert matching_loss(f, g, semi_hard=False).item() == pytest.approx(0.0)
-    assert matching_loss(f, g, margin=1.0, semi_hard=False).item() == pytest.approx(
+    assert bidirectional_matching_loss(f, g, semi_hard=False).item() == pytest.approx(0.0)
+    assert bidirectional_matching_loss(f, g, margin=1.0, semi_hard=False).item() == pytest.approx(
         (0.2 + 0.0) / 2 + (0.0 + 0.6) / 2)
     # identical pairs: every negative with d_ij >= d⁺ = 0 is kept, same as without semi-hard
-    torch.testing.assert_close(matching_loss(f, f, margin=1.5), matching_loss(f, f, margin=1.5, semi_hard=False))
+    torch.testing.assert_close(bidirectional_matching_loss(f, f, margin=1.5), bidirectional_matching_loss(f, f, margin=1.5, semi_hard=False))
 
 
 def test_semi_hard_modes_differ_as_documented():
@@ -135,11 +142,11 @@ def test_semi_hard_modes_differ_as_documented():
     g = torch.tensor([[1.0, 0.0], [0.6, -0.8]])
     d_pos1 = ((f[1] - g[1]) ** 2).sum().item()
     assert d_pos1 == pytest.approx(3.6)
-    row = matching_loss(f, g, margin=1.0, semi_hard_mode="row")
-    released = matching_loss(f, g, margin=1.0, semi_hard_mode="as_released")
+    row = bidirectional_matching_loss(f, g, margin=1.0, semi_hard_mode="row")
+    released = bidirectional_matching_loss(f, g, margin=1.0, semi_hard_mode="as_released")
     assert row.item() != pytest.approx(released.item())
     with pytest.raises(ValueError):
-        matching_loss(f, g, semi_hard_mode="nope")
+        bidirectional_matching_loss(f, g, semi_hard_mode="nope")
 
 
 def test_resnet18_levels_at_64px():

@@ -1,4 +1,4 @@
-"""stages.vocab (tirg / nltk tokenisers, counts, VAL's test-time rare words) and the `vocabulary` stage."""
+"""stages.modeling.vocab (tirg / nltk tokenisers, counts, VAL's test-time rare words) and the `vocabulary` stage."""
 from __future__ import annotations
 
 import io
@@ -10,11 +10,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages import shards
-from stages.atomic import write_json
-from stages.cli import StageError
-from stages.params import ParamsError
-from stages.vocab import Vocab, tokenize
+from stages.shards import store
+from stages.common.atomic import write_json
+from stages.common.errors import StageError
+from stages.common.params import ParamsError
+from stages.modeling.vocab import Vocab, tokenize
 from stages.vocabulary import VocabularyConfig, main, vocabulary
 
 # --- tokenisers ----------------------------------------------------------------------------------
@@ -138,18 +138,18 @@ def make_shards(root: Path, texts_by_split: dict[str, list[str]]) -> Path:
     (images / "a.png").write_bytes(png(10))
     (images / "b.png").write_bytes(png(200))
     shard_dir = root / "shards"
-    index = {"format": shards.INDEX_FORMAT, "splits": {}}
+    index = {"format": store.INDEX_FORMAT, "splits": {}}
     for split, texts in texts_by_split.items():
         samples = [
-            shards.query_sample(f"q{n}", {"query_id": f"{split}/{n}", "reference_id": "a", "target_id": "b", "text": t},
+            store.query_sample(f"q{n}", {"query_id": f"{split}/{n}", "reference_id": "a", "target_id": "b", "text": t},
                                 images / "a.png", images / "b.png")
             for n, t in enumerate(texts)
         ]
         index["splits"][split] = {
             "gallery": {"count": 0, "shards": []},
-            "queries": shards.write_shards(shard_dir, split, "queries", samples, maxcount=2, maxsize=1 << 20),
+            "queries": store.write_shards(shard_dir, split, "queries", samples, maxcount=2, maxsize=1 << 20),
         }
-    write_json(shard_dir / shards.INDEX_FILE, index)
+    write_json(shard_dir / store.INDEX_FILE, index)
     return shard_dir
 
 

@@ -21,10 +21,10 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from stages.atomic import atomic_path, write_json
-from stages.cli import StageError
+from stages.common.atomic import atomic_path, write_json
+from stages.common.errors import StageError
 from stages.datasets.common import safe_relative_path
-from stages.download import DownloadConfig, Item, fetch_all, sha256_of, write_report
+from stages.datasets.download import DownloadConfig, Item, fetch_all, sha256_of, write_report
 
 JUNK_PARTS = ("__MACOSX",)  # folders of macOS archives that hold no data
 
@@ -43,7 +43,7 @@ def url_file_name(url: str) -> str:
 
 
 def download_file(url: str, dest: Path, download: DownloadConfig, desc: str) -> None:
-    """Fetch `url` to `dest` with stages.download; a failure is a StageError. The download report
+    """Fetch `url` to `dest` with stages.datasets.download; a failure is a StageError. The download report
     goes beside `dest` (in raw_dir), so that prepare's output does not depend on the first run."""
     results = fetch_all([Item(url=url, dest=dest)], download, desc=desc)
     write_report(dest.with_name(f".{dest.name}.download.json"), results)
@@ -77,7 +77,7 @@ def extract_once(archive: Path, dest: Path, url: str | None = None) -> dict:
     """Extract a zip or a tar(.gz) into `dest` unless its marker says that was done; returns the record
     {archive, url, sha256, members, unreadable_members}. Members under __MACOSX/ are skipped. A zip
     member whose data is corrupt (bad CRC) is skipped and listed: MIT-States' zip is reported partly
-    corrupt (DATASETS.md §3), and losing a few images should not lose the dataset."""
+    corrupt, and losing a few images should not lose the dataset."""
     marker = extraction_marker(archive)
     if marker.exists():
         return json.loads(marker.read_text())

@@ -1,7 +1,7 @@
 """CIRR (Liu et al. 2021): real-life images from NLVR2, each query a reference image and a caption
 saying how the target differs ("show three bottles of soft drink").
 
-Sources (DATASETS.md §10), under `raw_dir` (fetched from `annotation_base_url` when set; the
+Sources (Cuberick-Orion/CIRR), under `raw_dir` (fetched from `annotation_base_url` when set; the
 annotations are on branch `cirr_dataset` of Cuberick-Orion/CIRR):
 
     captions/cap.rc2.<split>.json          [{"pairid": 12060, "reference": name, "target_hard": name,
@@ -50,13 +50,13 @@ from stages.datasets.common import (
     select_queries,
     tables,
 )
-from stages.cli import StageError
-from stages.download import DownloadConfig
-from stages.params import require, section
+from stages.common.errors import StageError
+from stages.datasets.download import DownloadConfig
+from stages.common.params import require, section
 
 SPLITS = ("train", "val", "test1")
 
-# DATASETS.md §10 / §12 [V]. The train pair count (28,225) is the paper's, unverified: not asserted.
+# Counts read in the CIRR annotation files. The train pair count (28,225) is the paper's, unverified: not asserted.
 DOCUMENTED_PAIRS = {"val": 4_181, "test1": 4_148}
 DOCUMENTED_SPLIT_IMAGES = {"train": 16_939, "val": 2_297, "test1": 2_315}
 

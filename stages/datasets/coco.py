@@ -1,4 +1,4 @@
-"""MS-COCO 2014 with Karpathy's splits, for image-text matching (DATASETS.md §7).
+"""MS-COCO 2014 with Karpathy's splits, for image-text matching.
 
 Inputs:
     <raw_dir>/dataset_coco.json      Karpathy's split file (see stages.datasets.karpathy for where it may
@@ -10,7 +10,7 @@ Inputs:
 Outputs in the prepared folder (besides images.parquet, whose caption is each image's first caption,
 and an empty queries.parquet):
     images/<train2014|val2014>/<filename>   hard links to the source files (copies across filesystems)
-    captions.parquet   every kept caption (stages.captions): 5 per image by default, caption_id = sentid
+    captions.parquet   every kept caption (stages.datasets.captions): 5 per image by default, caption_id = sentid
     folds.json         {"0": [image_id, ...], ..., "4": [...]}: the COCO 1K protocol. The 5,000 test
                        images in Karpathy order (= SCAN testall order) cut into `folds` consecutive
                        folds of 1,000; metrics are computed per fold and averaged. COCO 5K = the whole
@@ -33,13 +33,13 @@ from pydantic import Field
 from tqdm import tqdm
 from typing_extensions import Annotated
 
-from stages.atomic import write_json
-from stages.cli import StageError
-from stages.captions import FOLDS_FILE
+from stages.common.atomic import write_json
+from stages.common.errors import StageError
+from stages.datasets.captions import FOLDS_FILE
 from stages.datasets import karpathy
 from stages.datasets.karpathy import OnMissing, Record
-from stages.download import DownloadConfig, Item, sha256_of
-from stages.params import require, section
+from stages.datasets.download import DownloadConfig, Item, sha256_of
+from stages.common.params import require, section
 
 DATASET = karpathy.Dataset(
     name="coco",

@@ -30,10 +30,10 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
-from stages.atomic import write_json
-from stages.cli import StageError
-from stages.download import DownloadConfig, Item, Result, fetch_all, sha256_of
-from stages.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
+from stages.common.atomic import write_json
+from stages.common.errors import StageError
+from stages.datasets.download import DownloadConfig, Item, Result, fetch_all, sha256_of
+from stages.datasets.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
 
 REPORT_FILE = "ingest_report.json"
 MISSING_LISTED = 50  # missing image ids written to the report per split (plus the total count)
@@ -121,7 +121,7 @@ def expect_string(path: Path, record: str, value: Any, key: str) -> str:
 
 
 def check_count(path: Path | str, what: str, expected: int, found: int) -> None:
-    """With `expect_full` on: the documented size of a full download (DATASETS.md §12)."""
+    """With `expect_full` on: the documented size of a full download."""
     if found != expected:
         raise StageError(
             f"{path}: expected {expected:,} {what} (the documented full dataset), found {found:,}; "

@@ -18,10 +18,10 @@ This adapter follows google/tirg datasets.py `CSSDataset`:
 Multiple correct targets: TIRG counts a retrieved image as correct when its caption (the scene label)
 equals the target's, so duplicates of the target scene count too. The manifest has one target_id per
 query, the `to` image of the pair; the label is each image's `caption` in images.parquet, so the
-caption-level recall of protocols.md §1 can be computed from the manifests alone.
+caption-level recall of google/tirg's test_retrieval.py can be computed from the manifests alone.
 
 An image whose png is missing is left out of images.parquet, and so is every query naming it;
-`ingest_report.json` counts and lists both. With `expect_full` the counts of DATASETS.md §12 are checked.
+`ingest_report.json` counts and lists both. With `expect_full` the documented counts of the full dataset are checked.
 """
 from __future__ import annotations
 
@@ -32,17 +32,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.cli import StageError
+from stages.common.errors import StageError
 from stages.datasets.archives import download_and_extract, is_junk, not_in_archive_hint
 from stages.datasets.common import MISSING_IMAGE, Ingest, check_count, write_ingest_report
-from stages.download import DownloadConfig, sha256_of
-from stages.params import require, section
+from stages.datasets.download import DownloadConfig, sha256_of
+from stages.common.params import require, section
 
 ANNOTATION_FILE = "css_toy_dataset_novel2_small.dup.npy"
 DRIVE_URL = "https://drive.google.com/file/d/1wPqMw-HKmXUG2qTgYBiTNUnjz83hA2tY/view?usp=sharing"
 SPLITS = ("train", "test")
 
-# DATASETS.md §12 (third-party counts, [I]): checked only with expect_full.
+# Third-party counts of the full dataset, not verified here: checked only with expect_full.
 EXPECTED_IMAGES = {"train": 19_012, "test": 19_057}
 EXPECTED_MODS = {"train": 6_004, "test": 6_019}
 EXPECTED_PAIRS = {"train": 18_012, "test": 18_057}
@@ -181,7 +181,7 @@ def collect(annotation: dict[str, SplitAnnotation], images_dir: Path) -> Ingest:
 
 
 def check_full_counts(annotation: dict[str, SplitAnnotation], ingest: Ingest) -> None:
-    """DATASETS.md §12: objects_img, mods and (from, to) pairs per split, and a png for every image."""
+    """The documented counts: objects_img, mods and (from, to) pairs per split, and a png for every image."""
     for split in SPLITS:
         part = annotation[split]
         check_count(ANNOTATION_FILE, f"{split} objects_img", EXPECTED_IMAGES[split], len(part.captions))

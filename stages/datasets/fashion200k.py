@@ -25,7 +25,7 @@ This adapter follows google/tirg datasets.py `Fashion200k`:
 What the manifest fixes, since it holds one row per query where TIRG samples on the fly:
   * test target_id: the target file of the line. Many images share a caption and TIRG counts any
     image with the target caption as correct; the caption is in images.parquet, so caption-level
-    recall (protocols.md §1) is computed from the manifests.
+    recall (google/tirg test_retrieval.py) is computed from the manifests.
   * train: one query per modifiable training image, drawn with `seed`; with `max_train_queries` a
     seeded sample of that many modifiable images (in label order).
   * image_id: the path as the label files write it (women/.../51727804_0.jpeg, case kept);
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages.cli import StageError
+from stages.common.errors import StageError
 from stages.datasets.archives import download_file, extract_once
 from stages.datasets.common import (
     MISSING_IMAGE,
@@ -55,8 +55,8 @@ from stages.datasets.common import (
     safe_relative_path,
     write_ingest_report,
 )
-from stages.download import DownloadConfig, sha256_of
-from stages.params import require, section
+from stages.datasets.download import DownloadConfig, sha256_of
+from stages.common.params import require, section
 
 DRIVE_URL = "https://drive.google.com/drive/folders/0B4Eo9mft9jwoamlYWFZBSHFzV3c?resourcekey=0-2s7M82p8Bn7riqxWVlgctw"
 TEST_QUERIES_FILE = "test_queries.txt"
@@ -65,7 +65,7 @@ IMAGES_ARCHIVE = "women.tar.gz"
 READ_ORDER = ("test", "train")
 NOT_IN_TEST_LABELS = "not_in_test_labels"  # a drop reason
 
-# DATASETS.md §12 (a TIRG run log in a third-party repo, [I]): checked only with expect_full.
+# Counts from a TIRG run log in a third-party repository, not verified here: checked only with expect_full.
 EXPECTED_LABEL_LINES = {"train": 172_049, "test": 29_789}
 EXPECTED_TEST_QUERIES = 33_480
 

@@ -1,7 +1,7 @@
 """FashionIQ (Wu et al. 2021): Amazon product images, each query a reference product and two
 relative captions written by annotators ("is longer", "has no sleeves") describing the target.
 
-Sources (DATASETS.md §5), all under `raw_dir` in the community layout:
+Sources (XiaoxiaoGuo/fashion-iq), all under `raw_dir` in the community layout:
 
     captions/cap.<cat>.<split>.json       [{"candidate": ASIN, "target": ASIN, "captions": [c1, c2]}, ...]
                                           (XiaoxiaoGuo/fashion-iq; test files have no "target")
@@ -13,7 +13,7 @@ Sources (DATASETS.md §5), all under `raw_dir` in the community layout:
 With `annotation_base_url` / `url_list_base_url` set, the annotation files are fetched from
 `<base>/captions/...`, `<base>/image_splits/...` and `<url list base>/image_url/...` (once).
 
-Manifest (the CLIP4Cir protocol of spec/protocols.md §3):
+Manifest (the protocol of ABaldrati/CLIP4Cir@dfed9f7 src/validate.py):
 * one query per triplet, text = the captions stripped of surrounding blanks and trailing '.?',
   joined with `caption_join` (" and "); an empty caption is left out; query_id `<cat>-<split>-<index>`,
   the index of the triplet in its caption file. The manifest split is `train` / `val` / `test`, all
@@ -58,8 +58,8 @@ from stages.datasets.common import (
     select_queries,
     tables,
 )
-from stages.download import DownloadConfig, Item, Result, write_report
-from stages.params import require, section
+from stages.datasets.download import DownloadConfig, Item, Result, write_report
+from stages.common.params import require, section
 
 CATEGORIES = ("dress", "shirt", "toptee")
 SPLITS = ("train", "val", "test")
@@ -69,7 +69,7 @@ DEAD_URLS_FILE = "images/dead_urls.json"
 DOWNLOAD_LOG_FILE = "images/download_report.json"
 PROBLEMS_LISTED = 50
 
-# DATASETS.md §5 [V]: triplets and split-file images per (category, split), URL lines per category.
+# Counts read in the released annotation files: triplets and split-file images per (category, split), URL lines per category.
 DOCUMENTED_TRIPLETS = {
     ("dress", "train"): 5_985, ("dress", "val"): 2_017, ("dress", "test"): 2_024,
     ("shirt", "train"): 5_988, ("shirt", "val"): 2_038, ("shirt", "test"): 2_038,
@@ -275,7 +275,7 @@ def image_urls(cfg: Config, annotations: Annotations, asin_category: dict[str, s
 
 
 def count_shared_urls(urls: dict[str, str]) -> int:
-    """ASINs whose URL another needed ASIN has too (placeholder pictures, brand logos: DATASETS.md §5)."""
+    """ASINs whose URL another needed ASIN has too (placeholder pictures, brand logos)."""
     owners: dict[str, int] = {}
     for url in urls.values():
         owners[url] = owners.get(url, 0) + 1

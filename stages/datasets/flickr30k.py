@@ -1,4 +1,4 @@
-"""Flickr30k with Karpathy's splits, for image-text matching (DATASETS.md §8).
+"""Flickr30k with Karpathy's splits, for image-text matching.
 
 Inputs:
     <raw_dir>/dataset_flickr30k.json   Karpathy's split file (see stages.datasets.karpathy for where it may
@@ -15,7 +15,7 @@ images_dir that it does not name are ignored. The ITM protocol's Flickr30K 1K is
 Outputs in the prepared folder (besides images.parquet, whose caption is each image's first caption,
 and an empty queries.parquet):
     images/<filename>     hard links to the source files (copies across filesystems)
-    captions.parquet      every kept caption (stages.captions): 5 per image, caption_id = sentid
+    captions.parquet      every kept caption (stages.datasets.captions): 5 per image, caption_id = sentid
     ingest_report.json    counts per split, missing images, sha256 of the annotation file
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing_extensions import Annotated
 
 from stages.datasets import karpathy
 from stages.datasets.karpathy import OnMissing
-from stages.download import DownloadConfig
-from stages.params import section
+from stages.datasets.download import DownloadConfig
+from stages.common.params import section
 
 DATASET = karpathy.Dataset(
     name="flickr30k",

@@ -2,7 +2,7 @@
 
 Shared by the `coco` and `flickr30k` adapters; not an adapter itself (it has no entry in ADAPTERS).
 
-The JSON (DATASETS.md §7, §8) is `{"images": [record, ...], "dataset": ...}`, one record per image in
+The JSON (Karpathy's dataset_coco.json / dataset_flickr30k.json) is `{"images": [record, ...], "dataset": ...}`, one record per image in
 Karpathy order (`imgid` = position):
 
     filename    "COCO_val2014_000000391895.jpg" / "1000092795.jpg"; image_id = filename without extension,
@@ -34,12 +34,12 @@ from urllib.parse import urlparse
 import pyarrow as pa
 from tqdm import tqdm
 
-from stages import captions
-from stages.atomic import atomic_path, write_json
-from stages.cli import StageError
+from stages.datasets import captions
+from stages.common.atomic import atomic_path, write_json
+from stages.common.errors import StageError
 from stages.datasets.common import ImageLinker, is_usable_file, read_json
-from stages.download import DownloadConfig, Item, Result, fetch_all, sha256_of
-from stages.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
+from stages.datasets.download import DownloadConfig, Item, Result, fetch_all, sha256_of
+from stages.datasets.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 KARPATHY_ARCHIVE = "caption_datasets.zip"
@@ -68,7 +68,7 @@ class Dataset:
     name: str  # "coco"
     json_name: str  # "dataset_coco.json"
     has_folders: bool  # records carry `filepath`, the sub-folder of the image file
-    expected_counts: dict[str, int]  # images per Karpathy split in the full file (§12)
+    expected_counts: dict[str, int]  # images per Karpathy split in the full file
     mirror_sha256: str  # of the JSON in the Delphboy/karpathy-splits Git-LFS mirror
     images_help: str  # how to get the images, said when some are missing
 
@@ -226,7 +226,7 @@ def split_counts(records: list[Record]) -> dict[str, int]:
 
 
 def check_full(dataset: Dataset, records: list[Record], path: Path) -> None:
-    """expect_full: the file must hold exactly the published number of images per split (§12)."""
+    """expect_full: the file must hold exactly the published number of images per split."""
     found = split_counts(records)
     if found != dataset.expected_counts:
         expected_total = sum(dataset.expected_counts.values())

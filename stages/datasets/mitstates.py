@@ -1,6 +1,6 @@
 """MIT-States (Isola et al., CVPR 2015) as TIRG uses it: change the state (adjective) of an object.
 
-Source: `release_dataset.zip` at `archive_url` (DATASETS.md §3), or by hand from the project page
+Source: `release_dataset.zip` at `archive_url`, or by hand from the project page
 (PROJECT_URL), unzipped into `raw_dir`. The only annotation is the folder layout:
     raw_dir/release_dataset/images/<adj> <noun>/*.jpg     (or raw_dir/images/...)
 Folder names hold a space ("ancient building"); `adj <noun>` folders hold images without a state.
@@ -21,7 +21,7 @@ This adapter follows google/tirg datasets.py `MITStates`:
 What the manifest fixes, since it holds one row per query where TIRG samples on the fly:
   * test target_id: the first image, in sorted file-name order, of the target caption. TIRG counts
     any image with that caption as correct; the caption is in images.parquet, so caption-level recall
-    (protocols.md §1) is computed from the manifests.
+    (google/tirg test_retrieval.py) is computed from the manifests.
   * train: for every train image, `train_queries_per_image` distinct adjectives of its noun other than
     its own, drawn with `seed`, each with a random image of that caption as target. TIRG may also draw
     the source's own adjective (an edit that changes nothing); every query here asks for a change.
@@ -38,11 +38,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages.cli import StageError
+from stages.common.errors import StageError
 from stages.datasets.archives import download_and_extract, not_in_archive_hint
 from stages.datasets.common import Ingest, listed, write_ingest_report
-from stages.download import DownloadConfig
-from stages.params import require, section
+from stages.datasets.download import DownloadConfig
+from stages.common.params import require, section
 
 PROJECT_URL = "http://web.mit.edu/phillipi/Public/states_and_transformations/index.html"
 # google/tirg datasets.py MITStates.__init__: the nouns of the test split.

@@ -1,4 +1,4 @@
-"""SCAN's pre-computed bottom-up region features (`coco_precomp`, `f30k_precomp`; DATASETS.md §9).
+"""SCAN's pre-computed bottom-up region features (`coco_precomp`, `f30k_precomp`; kuanghuei/SCAN).
 
 A reader, NOT a `prepare` adapter (it has no Config/build and must not go into ADAPTERS): its
 "images" are rows of a float32 array (N, 36, 2048) of Faster R-CNN region features, not files, so
@@ -23,7 +23,7 @@ caption_id: "<scan split>-<line index>" (0-based). A blank caption line is skipp
 
 Outputs of `ingest` (into a folder of its own, e.g. data/precomp/f30k):
     regions.parquet   image_id, split, row: each image's first feature row
-    captions.parquet  stages.captions, validated against regions.parquet
+    captions.parquet  stages.datasets.captions, validated against regions.parquet
     features.json     per manifest split: the SCAN split, the .npy path and shape, rows_per_image,
                       counts, sha256 of the caption and ids files
 """
@@ -38,11 +38,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages import captions
-from stages.atomic import atomic_path, write_json
-from stages.cli import StageError
-from stages.download import sha256_of
-from stages.manifest import ManifestError
+from stages.datasets import captions
+from stages.common.atomic import atomic_path, write_json
+from stages.common.errors import StageError
+from stages.datasets.download import sha256_of
+from stages.common.errors import ManifestError
 
 SCAN_SPLITS = ("train", "dev", "test", "testall")
 CAPTIONS_PER_IMAGE = 5

@@ -11,7 +11,7 @@ Splits:
 
 Every scene is one image whatever query uses it (its id hashes the scene) and every image belongs
 to exactly one split. Everything is drawn from one RNG seeded by `seed`: same params, same bytes.
-The scenes are drawn here, then rendered in parallel as the `parallel` params say (stages.parallel):
+The scenes are drawn here, then rendered in parallel as the `parallel` params say (stages.common.parallel):
 the same bytes whatever the workers.
 """
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import NamedTuple
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from stages.atomic import write_bytes, write_json
-from stages.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
-from stages.parallel import SERIAL, ParallelConfig, map_items
-from stages.params import ParamsError, require, section
+from stages.common.atomic import write_bytes, write_json
+from stages.datasets.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
+from stages.common.parallel import SERIAL, ParallelConfig, map_items
+from stages.common.params import ParamsError, require, section
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {

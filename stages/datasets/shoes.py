@@ -1,6 +1,6 @@
 """Shoes (Guo et al. 2018 relative captions on the Berg et al. 2010 attribute-dataset images).
 
-Sources (DATASETS.md §6), under `raw_dir` (fetched from `annotation_base_url` when set):
+Sources (XiaoxiaoGuo/fashion-retrieval), under `raw_dir` (fetched from `annotation_base_url` when set):
 
     relative_captions_shoes.json  [{"ImageName": target, "ReferenceImageName": reference,
                                     "RelativeCaption": "is more of a textured material"}, ...]
@@ -9,7 +9,7 @@ Sources (DATASETS.md §6), under `raw_dir` (fetched from `annotation_base_url` w
     captions_shoes.json           [{"ImageName": ..., "Caption": "black strappy high heels"}, ...] (3,600 images)
 
 "ImageName" is the TARGET and "ReferenceImageName" the reference: the caption says how the target
-differs from the reference (ARTEMIS dataset_shoes.py reads them so; DATASETS.md §6).
+differs from the reference (ARTEMIS dataset_shoes.py reads them so).
 
 Images cannot be downloaded any more (http://tamaraberg.com/attributesDataset/attributedata.tar.gz is
 dead since 2022): `images_dir` is a folder you unpacked yourself; images are found anywhere below it by
@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 
-from stages.cli import StageError
+from stages.common.errors import StageError
 from stages.datasets.common import (
     Candidate,
     ImageRow,
@@ -53,8 +53,8 @@ from stages.datasets.common import (
     select_queries,
     tables,
 )
-from stages.download import DownloadConfig
-from stages.params import require, section
+from stages.datasets.download import DownloadConfig
+from stages.common.params import require, section
 
 PAIRS_FILE = "relative_captions_shoes.json"
 TRAIN_NAMES_FILE = "train_im_names.txt"
@@ -66,7 +66,7 @@ SPLIT_OF_LIST = {"test": EVAL_NAMES_FILE, "train": TRAIN_NAMES_FILE}
 SPLIT_PRIORITY = ("test", "train")
 NO_SPLIT = "pair_in_no_split"
 
-# DATASETS.md §6 / §12 [V]
+# Counts read in the released annotation files
 DOCUMENTED_PAIRS = 10_751
 DOCUMENTED_NAMES = {TRAIN_NAMES_FILE: 10_000, EVAL_NAMES_FILE: 4_658}
 DOCUMENTED_SPLIT_PAIRS = {"train": 8_990, "test": 1_761}

@@ -1,0 +1,1 @@
+"""Image-text matching models: caption <-> image."""

@@ -1,0 +1,78 @@
+"""Embed gallery images and queries of a split with a trained model (used by `mine` and `evaluate`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from torch import nn
+
+from stages.shards import store
+from stages.shards.loaders import batched, decode_image
+from stages.modeling.factory import as_vector, load_model, zeros_like
+from stages.modeling.text import tokenizer_from_state
+from stages.common.device import autocast, place_model, to_device
+
+QueryMode = Literal["composed", "image_only", "text_only"]
+
+
+def load_for_embedding(checkpoint: Path, device: torch.device):
+    """(a trained model in eval mode on `device`, the tokenizer it was trained with)."""
+    model, _, text_state, _ = load_model(checkpoint)
+    return place_model(model, device), tokenizer_from_state(text_state)
+
+
+@torch.no_grad()
+def embed_gallery(model: nn.Module, shard_dir: Path, split: str, batch_size: int, device: torch.device):
+    """(image ids in shard order, their captions, L2-normalised features N x d on the CPU)."""
+    ids, captions, features = [], [], []
+    for chunk in batched(store.iter_gallery(shard_dir, split), batch_size):
+        images = to_device(torch.stack([decode_image(data) for _, _, data in chunk]), device)
+        with autocast(device):
+            features.append(as_vector(model.encode_image(images)).float().cpu())
+        ids += [image_id for image_id, _, _ in chunk]
+        captions += [caption for _, caption, _ in chunk]
+    return ids, captions, F.normalize(torch.cat(features), dim=1)
+
+
+@torch.no_grad()
+def embed_queries(model: nn.Module, tokenizer, shard_dir: Path, split: str, batch_size: int,
+                  device: torch.device, modes: tuple[QueryMode, ...] = ("composed",), drop_rare_below: int = 0):
+    """(query records without image bytes, {mode: L2-normalised features Q x d}).
+
+    composed: the model's composition f(ref, text); image_only: the reference encoded as a gallery image
+    (ignores the text); text_only: f(0, text), the composition with the reference representation zeroed
+    (ignores the image). drop_rare_below > 0: words seen fewer times in training read as <UNK> (VAL's test-time
+    vocabulary quirk).
+    """
+    records, features = [], {mode: [] for mode in modes}
+    for chunk in batched(store.iter_queries(shard_dir, split), batch_size):
+        images = to_device(torch.stack([decode_image(q["ref"]) for q in chunk]), device)
+        texts = [q["text"] for q in chunk]
+        tokens, lengths = tokenizer.batch(texts, drop_rare_below) if drop_rare_below else tokenizer.batch(texts)
+        with autocast(device):
+            reference = model.encode_reference(images)
+            text = model.encode_text(tokens.to(device), lengths.to(device))
+            outputs = {"composed": lambda: model.compose(reference, text),
+                       "image_only": lambda: model.encode_image(images),
+                       "text_only": lambda: model.compose(zeros_like(reference), text)}
+            for mode in modes:
+                features[mode].append(as_vector(outputs[mode]()).float().cpu())
+        records += [{k: q[k] for k in ("query_id", "reference_id", "target_id", "text")} for q in chunk]
+    return records, {mode: F.normalize(torch.cat(f), dim=1) for mode, f in features.items()}
+
+
+@torch.no_grad()
+def embed_captions(model: nn.Module, tokenizer, shard_dir: Path, split: str, batch_size: int, device: torch.device):
+    """(caption ids, their image ids, L2-normalised text features M x d on the CPU) of every caption of a split."""
+    caption_ids, image_ids, features = [], [], []
+    for chunk in batched(store.iter_captions(shard_dir, split), batch_size):
+        tokens, lengths = tokenizer.batch([text for _, _, text in chunk])
+        with autocast(device):
+            features.append(model.encode_text(tokens.to(device), lengths.to(device)).float().cpu())
+        caption_ids += [caption_id for caption_id, _, _ in chunk]
+        image_ids += [image_id for _, image_id, _ in chunk]
+    return caption_ids, image_ids, F.normalize(torch.cat(features), dim=1)
+

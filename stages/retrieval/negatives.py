@@ -1,0 +1,52 @@
+"""Offline hard negatives of composed retrieval: the `mine` stage's table and the `train` stage's reader.
+
+    negatives.parquet   query_id, rank, candidate_id, score: the `mine.k` nearest non-target gallery images"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from stages.common.errors import StageError
+from stages.retrieval.topk import chunked_topk
+
+
+NEGATIVES_FILE = "negatives.parquet"
+
+NEGATIVES_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("rank", pa.int32()), ("candidate_id", pa.string()), ("score", pa.float32())]
+)
+
+
+def hard_negatives(query_features: torch.Tensor, target_index: torch.Tensor, gallery_features: torch.Tensor,
+                   cfg, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores Q x k, gallery indices Q x k) of the nearest non-target gallery images; `cfg` is the `mine` section
+    (k, query_chunk, gallery_chunk)."""
+    if cfg.k >= gallery_features.shape[0]:
+        raise StageError(f"mine.k={cfg.k} must be smaller than the train gallery ({gallery_features.shape[0]} images)")
+    return chunked_topk(query_features, gallery_features, cfg.k, exclude=target_index[:, None],
+                        query_chunk=cfg.query_chunk, gallery_chunk=cfg.gallery_chunk, device=device)
+
+
+def to_table(query_ids: list[str], gallery_ids: list[str], scores: torch.Tensor, indices: torch.Tensor) -> pa.Table:
+    k = indices.shape[1]
+    return pa.table(
+        {
+            "query_id": [q for q in query_ids for _ in range(k)],
+            "rank": list(range(k)) * len(query_ids),
+            "candidate_id": [gallery_ids[i] for i in indices.flatten().tolist()],
+            "score": scores.flatten().tolist(),
+        },
+        schema=NEGATIVES_SCHEMA,
+    )
+
+
+def read_negatives(path: Path) -> dict[str, list[str]]:
+    """query_id -> candidate image ids, best first."""
+    table = pq.read_table(path).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    negatives: dict[str, list[str]] = {}
+    for query_id, candidate_id in zip(table.column("query_id").to_pylist(), table.column("candidate_id").to_pylist()):
+        negatives.setdefault(query_id, []).append(candidate_id)
+    return negatives

@@ -1,0 +1,185 @@
+"""Tensors from the WebDataset shards: shuffled training batches (queries, or image-caption pairs for
+image-text matching) and ordered evaluation batches."""
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
+from PIL import Image
+from torchvision.transforms import v2
+
+from stages.common import distributed
+from stages.shards import store
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Image file bytes -> normalised 3 x H x W float tensor."""
+    with Image.open(io.BytesIO(data)) as img:
+        return _to_tensor(img.convert("RGB"))
+
+
+def _query_sample(sample: dict) -> dict:
+    meta = sample["json"]
+    ref_key = next(k for k in sample if k.startswith("ref."))
+    tgt_key = next(k for k in sample if k.startswith("tgt."))
+    return {
+        "ref": decode_image(sample[ref_key]),
+        "tgt": decode_image(sample[tgt_key]),
+        "text": meta["text"],
+        "query_id": meta["query_id"],
+        "target_id": meta["target_id"],
+    }
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {
+        "ref": torch.stack([s["ref"] for s in samples]),
+        "tgt": torch.stack([s["tgt"] for s in samples]),
+        "text": [s["text"] for s in samples],
+        "query_id": [s["query_id"] for s in samples],
+        "target_id": [s["target_id"] for s in samples],
+    }
+
+
+def _pairs(samples: Iterator[dict]) -> Iterator[dict]:
+    """A pipeline stage: each decoded gallery sample -> one item per caption (image still bytes)."""
+    for sample in samples:
+        meta, image = sample["json"], store.image_member(sample)
+        for caption in store.sample_captions(meta):
+            yield {"image": image, "text": caption["text"], "image_id": meta["image_id"],
+                   "caption_id": caption["caption_id"]}
+
+
+def _pair_sample(pair: dict) -> dict:
+    return {**pair, "image": decode_image(pair["image"])}
+
+
+def _collate_pairs(pairs: list[dict]) -> dict:
+    return {
+        "image": torch.stack([p["image"] for p in pairs]),
+        **{key: [p[key] for p in pairs] for key in ("text", "image_id", "caption_id")},
+    }
+
+
+def _epoch_loader(urls: dict[str, int], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+                  to_item=_query_sample, collate=_collate, expand=None, pin_memory: bool = False):
+    """One epoch of the shards `urls` ({shard: indexed count}, store.shard_counts): shards shuffled, samples
+    (after `expand`, a generator stage, if any) shuffled, mapped by `to_item`, collated into full batches."""
+    dataset = (
+        store.open_shards(urls, shardshuffle=len(urls), seed=seed, nodesplitter=None, empty_check=False)
+        .decode()  # json only; images stay bytes until to_item (decoding before shuffle keeps the order)
+    )
+    if expand is not None:
+        dataset = dataset.compose(expand)
+    dataset = (
+        dataset.shuffle(shuffle_buffer, seed=seed)
+        .map(to_item)
+        .batched(batch_size, collation_fn=collate, partial=False)
+    )
+    return DataLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)), pin_memory=pin_memory)
+
+
+def _resampled_loader(urls: list[str], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+                      to_item=_query_sample, collate=_collate, expand=None, pin_memory: bool = False):
+    """An endless stream for one of several training processes: shards drawn with replacement, seeded by
+    (rank, DataLoader worker, seed) (wds.ResampledShards, deterministic), so every rank and worker reads
+    its own reproducible stream, none runs dry, and all ranks take the same number of equal batches."""
+    steps = [wds.ResampledShards(urls, seed=seed, deterministic=True),
+             wds.tarfile_to_samples(handler=store.ShardErrors()), wds.decode()]
+    if expand is not None:
+        steps.append(expand)
+    steps += [wds.shuffle(shuffle_buffer, seed=seed), wds.map(to_item),
+              wds.batched(batch_size, collation_fn=collate, partial=False)]
+    return DataLoader(wds.DataPipeline(*steps), batch_size=None, num_workers=workers, pin_memory=pin_memory)
+
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches; when one fails (e.g. a missing shard in a worker), its worker processes are
+    stopped before the error goes on: the traceback keeps the iterator alive, and a worker exiting later
+    would raise from torch's SIGCHLD handler in whatever code runs then."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    except BaseException:
+        _stop_workers(iterator)
+        raise
+
+
+def _stop_workers(iterator) -> None:
+    """torch's own clean-up of a multi-process DataLoader iterator (private API), with its workers first
+    taken off torch's SIGCHLD watch: a worker that failed on a shard can exit with code 1 while it is joined
+    (seen in the full test suite), which the watch would raise as a second error over the first."""
+    if not hasattr(iterator, "_shutdown_workers"):  # workers=0: nothing to stop
+        return
+    if getattr(iterator, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    iterator._shutdown_workers()
+
+
+def _endless(epoch_loader, what: str, shard_dir: Path, split: str, batch_size: int, seed: int) -> Iterator[dict]:
+    """Batches of epoch_loader(seed + epoch) for epoch 0, 1, ...; an epoch without a batch is an error."""
+    for epoch in itertools.count():
+        yielded = False
+        for batch in _batches(epoch_loader(seed + epoch)):
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError(f"{shard_dir}: split '{split}' has fewer {what} than one batch of {batch_size}")
+
+
+def training_batches(
+    shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+    pin_memory: bool = False,
+) -> Iterator[dict]:
+    """Endless shuffled query batches; each epoch reshuffles with seed + epoch (reproducible). On several
+    processes (stages.common.distributed) each rank gets `batch_size` queries per batch from resampled store.
+    pin_memory: batches in page-locked memory, for non-blocking copies to the GPU."""
+    urls = store.shard_counts(shard_dir, split, "queries")
+    if distributed.size() > 1:
+        yield from _batches(_resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers,
+                                              pin_memory=pin_memory))
+        return
+    yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers, pin_memory=pin_memory),
+                        "queries", shard_dir, split, batch_size, seed)
+
+
+def matching_batches(
+    shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int,
+    pin_memory: bool = False,
+) -> Iterator[dict]:
+    """Endless shuffled batches of (image, caption) pairs for image-text matching: every caption of
+    every gallery image of the split is one pair each epoch (an image with 5 captions comes 5 times).
+    Keys: image (B x 3 x H x W), text, image_id, caption_id (lists). Each epoch reshuffles with
+    seed + epoch (reproducible); pairs that do not fill a last batch are left out of that epoch. On several
+    processes (stages.common.distributed) each rank gets `batch_size` pairs per batch from resampled store."""
+    urls = store.shard_counts(shard_dir, split, "gallery")
+    if distributed.size() > 1:
+        yield from _batches(_resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers,
+                                              to_item=_pair_sample, collate=_collate_pairs, expand=_pairs,
+                                              pin_memory=pin_memory))
+        return
+    yield from _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers, to_item=_pair_sample,
+                                                collate=_collate_pairs, expand=_pairs, pin_memory=pin_memory),
+                        "image-caption pairs", shard_dir, split, batch_size, seed)
+
+
+def texts(shard_dir: Path, split: str) -> Iterator[str]:
+    """Every query text of a split, in shard order."""
+    for query in store.iter_queries(shard_dir, split):
+        yield query["text"]
+
+
+def batched(iterable, size: int):
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,228 @@
+"""The training loop shared by `pretrain` and `train`: device, optimiser, resumable checkpoints, logging.
+
+Data (stages.shards.loaders) and models (models/) stay out of this file; a stage hands in a `step_fn`
+that turns one batch into a loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from dvclive import Live
+from pydantic import Field
+from tqdm import tqdm
+from typing_extensions import Annotated
+
+from torch.nn.parallel import DistributedDataParallel
+
+from stages.training.ema import EMA
+from stages.common import distributed
+from stages.common.atomic import atomic_path, partial_dir, staged_dir
+from stages.common.distributed import DistributedConfig
+from stages.common.device import DeviceName
+from stages.common.params import require, section
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+@section
+class LoopConfig:
+    seed: int
+    steps: PositiveInt
+    batch_size: Annotated[int, Field(gt=1)]
+    lr: Annotated[float, Field(gt=0)]
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    lr_decay_every: Annotated[int, Field(ge=0)]
+    lr_decay: Annotated[float, Field(gt=0, le=1)]
+    optimizer: Literal["sgd", "adam"]  # adam: VAL and AMC (momentum unused)
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]  # EMA of the weights, saved as the model; 0 = off
+    ema_as_released_every: Annotated[int, Field(ge=0)]  # AMC quirk: every N steps train on from the EMA weights
+    shuffle_buffer: Annotated[int, Field(ge=0)]
+    workers: Annotated[int, Field(ge=0)]
+    device: DeviceName
+    checkpoint_every: PositiveInt
+    log_every: PositiveInt
+    distributed: DistributedConfig  # processes (torchrun); batch_size is the global batch
+    compile: bool  # torch.compile each part of the model (encoders, composition): slower start, faster steps
+
+    def __post_init__(self):
+        require(self.ema_as_released_every == 0 or self.ema_decay > 0, "ema_as_released_every",
+                "needs ema_decay > 0")
+
+
+def compile_model(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """torch.compile every part of the model in place (through ModuleList / ModuleDict, which are never
+    called). The models are called through encode_* and compose, which never run the model's own forward,
+    so compiling the top module would do nothing."""
+    for child in model.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            compile_model(child, **options)
+        else:
+            child.compile(**options)
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fingerprint(*parts: object) -> str:
+    """A short hash of everything a run depends on, naming its resumable work directory."""
+    text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig):
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen encoders (MiniLM) stay out
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-8, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    step_size = cfg.lr_decay_every or cfg.steps + 1  # 0 = constant learning rate
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=cfg.lr_decay)
+    return optimizer, scheduler
+
+
+def output_dir(out: Path, key: str, world: distributed.World):
+    """A training stage's resumable output directory (stages.common.atomic.staged_dir); on several processes only
+    rank 0 writes (output, checkpoints, logs, metrics), the others are handed the same path."""
+    return staged_dir(out, resume_key=key) if world.main else contextlib.nullcontext(partial_dir(out, key))
+
+
+def forget_logs_after(live_dir: Path, step: int) -> None:
+    """Drop the dvclive rows a crashed run logged after its last checkpoint; the resumed run redoes them."""
+    for tsv in (live_dir / "plots" / "metrics").glob("**/*.tsv"):
+        header, *rows = tsv.read_text().splitlines()
+        kept = [row for row in rows if int(row.split("\t")[0]) <= step]
+        with atomic_path(tsv) as tmp:
+            tmp.write_text("\n".join([header, *kept]) + "\n")
+
+
+class _Step(torch.nn.Module):
+    """The step function as a module's forward, so that DistributedDataParallel sees the forward pass
+    (the models are called through encode_*/compose, not through their own forward)."""
+
+    def __init__(self, model: torch.nn.Module, step_fn):
+        super().__init__()
+        self.model, self.step_fn = model, step_fn
+
+    def forward(self, batch: dict):
+        return self.step_fn(self.model, batch)
+
+
+def data_parallel(model: torch.nn.Module, step_fn) -> Callable[[dict], tuple[torch.Tensor, dict[str, float]]]:
+    """batch -> (loss, logs); on several processes the gradients are averaged over them by DDP."""
+    if distributed.size() == 1:
+        return lambda batch: step_fn(model, batch)
+    device = next(model.parameters()).device
+    # find_unused_parameters: a model may leave parts unused in a step (e.g. a loss that skips a decoder)
+    ddp = DistributedDataParallel(_Step(model, step_fn), device_ids=[device] if device.type == "cuda" else None,
+                                  find_unused_parameters=True)
+    return ddp
+
+
+def fit(
+    model: torch.nn.Module,
+    batches: Iterator[dict],
+    step_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]],
+    cfg: LoopConfig,
+    work_dir: Path,
+    name: str,
+    after_backward: Callable[[torch.nn.Module], None] | None = None,
+) -> dict[str, float]:
+    """Run cfg.steps optimiser steps; resume from `work_dir/resume.pt` when a crashed run left one.
+
+    Logs loss and learning rate with dvclive under `work_dir/live`; returns a one-line summary.
+    `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
+    """
+    optimizer, scheduler = make_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    main = distributed.rank() == 0
+    resume_file = work_dir / "resume.pt"
+    start = 0
+    # rank 0 reads the checkpoint and hands it to the others: it resumes on any number of processes
+    state = torch.load(resume_file, map_location="cpu", weights_only=False) if main and resume_file.exists() else None
+    state = distributed.broadcast(state)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.shadow = {k: v.to(next(model.parameters()).device) for k, v in state["ema"].items()}
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        if main:
+            forget_logs_after(work_dir / "live", start)
+            print(f"{name}: resuming at step {start} from {resume_file}")
+    live = Live(dir=str(work_dir / "live"), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None) if main else None
+    model.train()
+    step_once = data_parallel(model, step_fn)
+    # the running loss stays on the device and is read at log and checkpoint steps only: reading it
+    # every step would make the host wait for the GPU each step
+    device = next(model.parameters()).device
+    began, loss_sum, loss_count = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0
+    progress = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps, mininterval=2, disable=not main)
+    for step in progress:
+        loss, logs = step_once(next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward(model)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update()
+            if cfg.ema_as_released_every and (step + 1) % cfg.ema_as_released_every == 0:
+                ema.apply_shadow()  # and never restore(): the release's per-epoch behaviour
+                ema.backup = {}
+        loss_sum, loss_count = loss_sum + loss.detach().double(), loss_count + 1
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+        if not (log_now or checkpoint_now):
+            continue
+        if not torch.isfinite(loss_sum):  # before a checkpoint or the saved model can hold it
+            raise FloatingPointError(f"{name}: loss became {loss_sum.item()} by step {step + 1} "
+                                     f"(checked every log_every / checkpoint_every steps; lower the learning rate?)")
+        if log_now:
+            mean_loss = distributed.mean_over_ranks(loss_sum.item() / loss_count)
+            if main:
+                live.step = step + 1
+                live.log_metric("loss", mean_loss)
+                live.log_metric("lr", optimizer.param_groups[0]["lr"])
+                for key, value in logs.items():
+                    live.log_metric(key, value)
+                live.next_step()
+                progress.set_postfix(loss=f"{mean_loss:.3f}")
+            loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+        if main and checkpoint_now:
+            with atomic_path(resume_file) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
+                            "ema": ema.shadow if ema is not None else None}, tmp)
+    if main:
+        live.end()
+    if ema is not None:  # the averaged weights are the model that is saved and evaluated
+        ema.apply_shadow()
+        ema.backup = {}
+    if main and resume_file.exists():
+        resume_file.unlink()
+    seconds = time.time() - began
+    return {"steps": cfg.steps - start, "seconds": round(seconds, 1),
+            "steps_per_s": round((cfg.steps - start) / max(seconds, 1e-9), 2)}
