@@ -16,7 +16,7 @@ import time
 import torch
 
 from stages.modeling.factory import ModelConfig, build_model
-from stages.training.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
+from stages.training.objectives import GAConfig, LossConfig, isotropic_noise, training_loss
 from stages.common.params import load
 from stages.modeling.vocab import Vocab
 
@@ -25,7 +25,7 @@ TEXTS = ["add a small red circle at top-left", "make the blue square large", "re
 
 
 def seconds_per_step(model, loss_cfg, ga, vocab, batch, steps: int) -> float:
-    step_fn = with_ga(lambda m, b: training_loss(m, loss_cfg, vocab, b, torch.device("cpu"))[::3], ga)
+    step_fn = lambda m, b: training_loss(m, loss_cfg, vocab, b, torch.device("cpu"), ga)[::3]  # (loss, logs)
     after_backward = isotropic_noise(ga, seed=0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()

@@ -46,7 +46,7 @@ from stages.datasets import manifest
 from stages.shards import store
 from stages.shards.loaders import decode_image, training_batches
 from stages.modeling.factory import ModelConfig, build_model
-from stages.training.objectives import GAConfig, LossConfig, isotropic_noise, training_loss, with_ga
+from stages.training.objectives import GAConfig, LossConfig, isotropic_noise, training_loss
 from stages.common.parallel import ParallelConfig
 from stages.common.params import load
 from stages.prepare import prepare
@@ -159,10 +159,10 @@ class TrainStep:
                                              word_vectors=word_vectors), self.device)
 
         def step(model, batch):
-            loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, self.device)
+            loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, self.device, ga)
             return loss, logs
 
-        self.step_fn, self.after_backward = with_ga(step, ga), isotropic_noise(ga, self.cfg.seed)
+        self.step_fn, self.after_backward = step, isotropic_noise(ga, self.cfg.seed)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.cfg)
         self.model.train()
 

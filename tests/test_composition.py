@@ -8,7 +8,7 @@ import yaml
 
 from stages.modeling.factory import ModelConfig, as_vector, build_model, zeros_like
 from models.losses.metric import metric_loss
-from stages.training.objectives import GAConfig, LossConfig, training_loss, with_ga
+from stages.training.objectives import GAConfig, LossConfig, training_loss
 from stages.common.params import ParamsError, parse
 from stages.training.loop import LoopConfig, fit
 from stages.modeling.vocab import Vocab
@@ -124,7 +124,7 @@ def test_gradient_augmentation_plugs_into_every_model(name, loss):
         torch.manual_seed(0)
         model = build_model(model_cfg(name), len(VOCAB), 32).eval()  # eval: no dropout, same graph twice
         ga = parse(GAConfig, "ga", {**PARAMS["ga"], "adversarial": adversarial, "adversarial_lambda": 1e-2})
-        step = with_ga(lambda m, b: training_loss(m, loss_cfg(loss), VOCAB, b, torch.device("cpu"))[::3], ga)
+        step = lambda m, b: training_loss(m, loss_cfg(loss), VOCAB, b, torch.device("cpu"), ga)[::3]  # (loss, logs)
         value, logs = step(model, batch())
         assert ("ga_adversarial" in logs) == adversarial and logs.get("ga_adversarial", 1) > 0
         value.backward()  # with GA: through the penalty's second-order graph

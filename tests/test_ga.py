@@ -138,3 +138,60 @@ def test_isotropic_term_value_matches_the_released_form():
 def test_isotropic_mode_is_checked():
     with pytest.raises(ValueError, match="mode"):
         isotropic_gradient_noise(ThreeParams(), mode="cumulative")
+
+
+def released_tirg_lastconv_names() -> list[str]:
+    """model.named_parameters() of the GA release's TIRGLastConv, in order (fuxianghuang1/GA
+    img_text_composition_models.py: the base class registers normalization_layer, then img_model = ResNet-18 with
+    fc = Sequential(Linear); text_model.py TextLSTMModel: embedding_layer, lstm, fc_output = (Dropout, Linear);
+    then a, mod2d, mod2d_gate = (BatchNorm2d, Conv2d, ReLU, Conv2d))."""
+    import torchvision
+
+    resnet = torchvision.models.resnet18(weights=None)
+    names = ["normalization_layer.norm_s"]
+    names += [f"img_model.{n}" for n, _ in resnet.named_parameters() if not n.startswith("fc.")]
+    names += ["img_model.fc.0.weight", "img_model.fc.0.bias", "text_model.embedding_layer.weight"]
+    names += [f"text_model.lstm.{n}" for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")]
+    names += ["text_model.fc_output.1.weight", "text_model.fc_output.1.bias", "a"]
+    stack = ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
+    return names + [f"mod2d.{s}" for s in stack] + [f"mod2d_gate.{s}" for s in stack]
+
+
+RELEASE_TO_CIRFLOW = [("normalization_layer.norm_s", "normalize.scale"), ("img_model.fc.0.", "image_fc."),
+                      ("img_model.", "feature_extractor."), ("text_model.embedding_layer.", "text_encoder.embedding."),
+                      ("text_model.lstm.", "text_encoder.lstm."), ("text_model.fc_output.", "text_encoder.head."),
+                      ("mod2d_gate.", "gate."), ("mod2d.", "residual.")]
+
+
+def test_as_released_isotropic_weights_follow_the_released_parameter_order():
+    from stages.common.params import parse
+    from stages.modeling.factory import ModelConfig, build_model
+    from models.losses.ga import parameter_order
+    from tiny_repo import model_params
+
+    cfg = parse(ModelConfig, "model", model_params(
+        name="tirg_lastconv", embed_dim=512, image={"encoder": "resnet18", "weights": None, "channels": [16]},
+        text={"encoder": "lstm", "embed_dim": 512, "hidden_dim": 512, "dropout": 0.1}))
+    model = build_model(cfg, 20, 64)
+
+    def renamed(name: str) -> str:
+        for old, new in RELEASE_TO_CIRFLOW:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    released = [renamed(n) for n in released_tirg_lastconv_names()]
+    assert [n for n, _ in parameter_order(model, "as_released")] == released
+    own = [n for n, _ in model.named_parameters()]
+    assert own[-1] == "normalize.scale" and own != released  # cirflow registers the scale last: order matters
+
+    # the scale is the release's first tensor: w_1 = P, and its ξ is the generator's first draw
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    isotropic_gradient_noise(model, weight=0.01, mode="as_released", generator=torch.Generator().manual_seed(3))
+    xi = torch.randn((), generator=torch.Generator().manual_seed(3))
+    P = len(released)
+    assert torch.allclose(model.normalize.scale.grad, P * 0.01 * (xi + 1))
+    a_weight = P - released.index("a")
+    assert a_weight < P and model.a.grad.abs().sum() > 0

@@ -23,6 +23,10 @@ class NormalizationLayer(nn.Module):
 
 
 class TIRG(nn.Module):
+    # GA's isotropic noise, as_released, weighs tensors in the release's named_parameters() order
+    # (fuxianghuang1/GA img_text_composition_models.py TIRG: normalization_layer first, in the base class)
+    RELEASED_PARAMETER_ORDER = ("normalize", "image_encoder", "text_encoder", "a", "gate", "residual")
+
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int, norm_scale: float):
         super().__init__()
         self.image_encoder, self.text_encoder = image_encoder, text_encoder

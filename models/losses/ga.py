@@ -41,14 +41,38 @@ def adversarial_penalty(loss: torch.Tensor, reference_images: torch.Tensor, batc
     return (lam / 2.0) * d ** (1.0 - 1.0 / q) * norms.mean()
 
 
-def _trainable(model_or_params: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Trainable tensors in `named_parameters()` order (k = 1..P)."""
-    params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
-    return [p for p in params if p.requires_grad]
+def parameter_order(model: nn.Module, mode: str = "clean") -> list[tuple[str, torch.Tensor]]:
+    """The trainable (name, tensor) pairs in the order k = 1..P that the weights w_k follow.
+
+    clean: the model's own `named_parameters()` order (every w_k is 1, so only ξ's draw order depends on it).
+    as_released: the release's `model.named_parameters()` order, declared by the model as RELEASED_PARAMETER_ORDER
+    (its parameter names or name prefixes, in the order the released class registers them); a model the GA release
+    does not have keeps its own order.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    order = getattr(model, "RELEASED_PARAMETER_ORDER", None)
+    if mode != "as_released" or order is None:
+        return named
+
+    def rank(name: str) -> int:
+        for i, prefix in enumerate(order):
+            if name == prefix or name.startswith(prefix + "."):
+                return i
+        raise ValueError(f"{type(model).__name__}.RELEASED_PARAMETER_ORDER does not place parameter {name!r}")
+
+    return sorted(named, key=lambda item: rank(item[0]))  # stable: within a prefix, the model's own order
+
+
+def _trainable(model_or_params: nn.Module | Iterable[torch.Tensor], mode: str) -> list[torch.Tensor]:
+    """Trainable tensors in the order of `parameter_order` (k = 1..P); a plain iterable keeps its order."""
+    if isinstance(model_or_params, nn.Module):
+        return [p for _, p in parameter_order(model_or_params, mode)]
+    return [p for p in model_or_params if p.requires_grad]
 
 
 def _weights(num_params: int, mode: str) -> list[int]:
-    """w_k = 1 (clean) or P − k + 1 (as_released: `loss += 0.01·R` inside the loop with running sum R)."""
+    """w_k = 1 (clean) or P − k + 1 (as_released: main.py adds `0.01·R` to the loss inside its loop over
+    model.named_parameters(), R the running sum, so the k-th tensor's term is counted P − k + 1 times)."""
     if mode not in ISOTROPIC_MODES:
         raise ValueError(f"mode must be one of {ISOTROPIC_MODES}, got {mode!r}")
     return [1] * num_params if mode == "clean" else [num_params - k for k in range(num_params)]
@@ -67,7 +91,7 @@ def isotropic_term(model_or_params: nn.Module | Iterable[torch.Tensor], weight: 
     Add it to the loss before `backward()`; its gradient equals `isotropic_gradient_noise`'s increment
     for the same generator state.
     """
-    params = _trainable(model_or_params)
+    params = _trainable(model_or_params, mode)
     total = torch.zeros((), device=params[0].device if params else None)
     for w, p in zip(_weights(len(params), mode), params):
         total = total + w * ((_xi(p, generator) * p).mean() + p.mean())  # r_k
@@ -82,7 +106,7 @@ def isotropic_gradient_noise(model_or_params: nn.Module | Iterable[torch.Tensor]
     A parameter with no gradient yet (unused by the loss) gets the increment as its gradient, exactly
     as the loss-term form would give it.
     """
-    params = _trainable(model_or_params)
+    params = _trainable(model_or_params, mode)
     for w, p in zip(_weights(len(params), mode), params):
         step = w * weight * (_xi(p, generator) + 1.0) / p.numel()  # ∂(weight·w_k·r_k)/∂θ_k
         if p.grad is None:

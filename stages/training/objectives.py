@@ -97,9 +97,16 @@ def _loggable(logs: dict) -> dict[str, float]:
     return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
 
 
-def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, device: torch.device):
-    """(loss, q̂, t̂, logs) of one batch; q̂, t̂ are what the offline-negative hinge of `train` reuses."""
+def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, device: torch.device,
+                  ga: GAConfig | None = None):
+    """(loss, q̂, t̂, logs) of one batch; q̂, t̂ are what the offline-negative hinge of `train` reuses.
+
+    With `ga.adversarial`, GA's R_adv is the input gradient of the main metric loss alone, as main.py's
+    `gPenalty(img1, loss_value)` is: not of a model's auxiliary terms nor of anything the caller adds later."""
     entry = LOSSES[cfg.name]
+    adversarial = ga is not None and ga.adversarial
+    if adversarial:
+        batch = {**batch, "ref": batch["ref"].clone().requires_grad_(True)}
     images, tokens, lengths = model_inputs(tokenizer, batch, device)
     targets = to_device(batch["tgt"], device)
     with autocast(device):
@@ -123,6 +130,13 @@ def training_loss(model: nn.Module, cfg: LossConfig, tokenizer, batch: dict, dev
     # in-batch losses over the global batch when training on several processes (stages.common.distributed)
     loss = across_ranks(compute, *inputs)
     logs = _loggable(logs)
+    if adversarial:
+        # on W processes the loss is over the global batch W·B and its gradient is already scaled by W
+        # (stages.common.distributed.across_ranks), so this rank's B gives the paper's global-batch B·∇L
+        penalty = adversarial_penalty(loss, batch["ref"], batch["ref"].shape[0], ga.adversarial_lambda,
+                                      ga.adversarial_q)
+        loss = loss + penalty
+        logs["ga_adversarial"] = penalty.item()
     if hasattr(model, "auxiliary_losses"):
         logs["main_loss"] = loss.item()
         with autocast(device):
@@ -159,22 +173,6 @@ def check_ga_task(ga: GAConfig, task: str) -> None:
     if ga.adversarial and task != "composed":
         raise ParamsError(f"{PARAMS_FILE}: ga.adversarial: perturbs the reference image of composed retrieval; "
                           f"task is '{task}' (ga.isotropic works for any task)")
-
-
-def with_ga(loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], ga: GAConfig):
-    """Wrap a step's loss with GA's adversarial term R_adv (one extra double-backprop pass per step)."""
-    if not ga.adversarial:
-        return loss_fn
-
-    def step(model, batch):
-        batch = {**batch, "ref": batch["ref"].clone().requires_grad_(True)}
-        loss, logs = loss_fn(model, batch)
-        # on W processes the loss is over the global batch W·B and its gradient is already scaled by W
-        # (stages.common.distributed.across_ranks), so this rank's B gives the paper's global-batch B·∇L
-        penalty = adversarial_penalty(loss, batch["ref"], batch["ref"].shape[0], ga.adversarial_lambda, ga.adversarial_q)
-        return loss + penalty, {**logs, "ga_adversarial": penalty.item()}
-
-    return step
 
 
 def isotropic_noise(ga: GAConfig, seed: int) -> Callable[[torch.nn.Module], None] | None:
