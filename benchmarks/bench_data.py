@@ -21,7 +21,7 @@ import torch
 from stages.retrieval.embedding import embed_gallery, embed_queries
 from stages.shards.loaders import texts
 from stages.mine import MineConfig
-from stages.retrieval.negatives import hard_negatives
+from stages.retrieval.negatives import hard_negatives, never_negatives
 from stages.modeling.factory import ModelConfig, build_model
 from stages.common.parallel import ParallelConfig
 from stages.common.params import load, parse
@@ -67,13 +67,13 @@ def bench_mine(shards: Path, size: int) -> list[Measurement]:
     model = build_model(load(ModelConfig, "model"), len(vocab), size).eval()
     device = torch.device("cpu")
     start = time.perf_counter()
-    gallery_ids, _, gallery = embed_gallery(model, shards, "train", cfg.batch_size, device)
+    gallery_ids, gallery_captions, gallery = embed_gallery(model, shards, "train", cfg.batch_size, device)
     records, features = embed_queries(model, vocab, shards, "train", cfg.batch_size, device)
     embedded = time.perf_counter()
     position = {image_id: i for i, image_id in enumerate(gallery_ids)}
     targets = torch.tensor([position[r["target_id"]] for r in records])
     queries = features["composed"]
-    _, chunked = hard_negatives(queries, targets, gallery, cfg)
+    _, chunked = hard_negatives(queries, never_negatives(records, gallery_ids, gallery_captions), gallery, cfg)
     searched = time.perf_counter()
     full = queries @ gallery.T  # baseline: Q x G in memory at once
     full[torch.arange(len(targets)), targets] = float("-inf")

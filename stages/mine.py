@@ -1,7 +1,8 @@
 """Stage `mine`: offline hard-negative candidates over the whole training split, from the pretrained model.
 
 task composed: embeds the train queries (composed) and the train gallery, then keeps for each query the
-`mine.k` most similar gallery images that are not its target -> <out>/negatives.parquet.
+`mine.k` most similar gallery images that are neither its target, nor its reference, nor an image with the target's
+caption (a correct answer under the caption protocol) -> <out>/negatives.parquet.
 task matching (AOQ): embeds every train image and caption, then keeps for each image its `mine.aoq_i2t_k` most
 similar captions that are not its own and for each caption its `mine.aoq_t2i_k` most similar images other than
 its own -> <out>/candidates.npz.
@@ -22,7 +23,7 @@ from stages.shards import store
 from stages.common.atomic import atomic_path, staged_dir
 from stages.common.errors import StageError, run_stage
 from stages.retrieval.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
-from stages.retrieval.negatives import NEGATIVES_FILE, hard_negatives, to_table
+from stages.retrieval.negatives import NEGATIVES_FILE, hard_negatives, never_negatives, to_table
 from stages.retrieval.offline_candidates import CANDIDATES_FILE, mine_candidates, write_candidates
 from stages.common.params import load, read_task, section
 from stages.common.device import DeviceName, pick_device
@@ -55,14 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     model, vocab = load_for_embedding(args.model, device)
     if read_task(args.params) == "matching":
         return mine_matching(model, vocab, args.shards, args.out, cfg, device, began)
-    gallery_ids, _, gallery = embed_gallery(model, args.shards, "train", cfg.batch_size, device)
+    gallery_ids, gallery_captions, gallery = embed_gallery(model, args.shards, "train", cfg.batch_size, device)
     records, features = embed_queries(model, vocab, args.shards, "train", cfg.batch_size, device)
     position = {image_id: i for i, image_id in enumerate(gallery_ids)}
     missing = [r["target_id"] for r in records if r["target_id"] not in position]
     if missing:
         raise StageError(f"{args.shards}: train target {missing[0]!r} is not in the train gallery shards")
-    targets = torch.tensor([position[r["target_id"]] for r in records])
-    scores, indices = hard_negatives(features["composed"], targets, gallery, cfg, device)
+    never = never_negatives(records, gallery_ids, gallery_captions)
+    scores, indices = hard_negatives(features["composed"], never, gallery, cfg, device)
     with staged_dir(args.out) as work, atomic_path(work / NEGATIVES_FILE) as tmp:
         pq.write_table(to_table([r["query_id"] for r in records], gallery_ids, scores, indices), tmp)
     seconds = time.time() - began

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from stages.common.errors import StageError
 from stages.mine import MineConfig
-from stages.retrieval.negatives import hard_negatives, read_negatives, to_table
+from stages.retrieval.negatives import hard_negatives, never_negatives, read_negatives, to_table
 from stages.retrieval import topk
 from stages.retrieval.topk import block_scores, chunked_topk, recall_at_k
 from stages.retrieval.whm import whm_over_recall_levels, whm_over_splits
@@ -135,7 +136,7 @@ def test_mining_matches_brute_force_and_never_returns_the_target(tmp_path):
     queries, gallery = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
     targets = torch.randint(0, 30, (40,), generator=g)
     cfg = MineConfig(k=5, query_chunk=6, gallery_chunk=7, batch_size=8, device="cpu", aoq_i2t_k=1, aoq_t2i_k=1)
-    scores, indices = hard_negatives(queries, targets, gallery, cfg)
+    scores, indices = hard_negatives(queries, targets[:, None], gallery, cfg)
     for row in range(40):
         sims = queries[row] @ gallery.T
         sims[targets[row]] = float("-inf")
@@ -150,6 +151,28 @@ def test_mining_matches_brute_force_and_never_returns_the_target(tmp_path):
     negatives = read_negatives(path)
     assert negatives["q3"] == [gallery_ids[i] for i in indices[3].tolist()]
     assert len(negatives) == 40 and all(len(v) == 5 for v in negatives.values())
+
+
+def test_mined_negatives_never_hold_the_reference_or_an_image_with_the_target_caption():
+    g = torch.Generator().manual_seed(2)
+    gallery_ids = [f"img{i}" for i in range(12)]
+    captions = ["red circle", "blue square", "red circle", "green", "blue square", "red circle"] + \
+        [f"scene {i}" for i in range(6)]
+    records = [{"query_id": "q0", "reference_id": "img3", "target_id": "img0"},   # target caption on img2, img5
+               {"query_id": "q1", "reference_id": "img0", "target_id": "img4"},   # target caption on img1
+               {"query_id": "q2", "reference_id": "elsewhere", "target_id": "img7"}]  # reference not in the gallery
+    never = never_negatives(records, gallery_ids, captions)
+    assert [sorted(i for i in row.tolist() if i >= 0) for row in never] == [[0, 2, 3, 5], [0, 1, 4], [7]]
+    # queries that sit right on the excluded images: without the rule they would be mined first
+    gallery = torch.randn(12, 6, generator=g)
+    queries = torch.stack([gallery[[0, 2, 3, 5]].sum(0), gallery[[0, 1, 4]].sum(0), gallery[7]])
+    cfg = MineConfig(k=4, query_chunk=2, gallery_chunk=5, batch_size=8, device="cpu", aoq_i2t_k=1, aoq_t2i_k=1)
+    _, indices = hard_negatives(queries, never, gallery, cfg)
+    for row, excluded in zip(indices.tolist(), ([0, 2, 3, 5], [0, 1, 4], [7])):
+        assert not set(row) & set(excluded) and len(set(row)) == 4
+    with pytest.raises(StageError, match="mine.k=9"):
+        hard_negatives(queries, never, gallery, MineConfig(k=9, query_chunk=2, gallery_chunk=5, batch_size=8,
+                                                           device="cpu", aoq_i2t_k=1, aoq_t2i_k=1))
 
 
 def test_whm_over_splits_is_the_f_beta_combination():

@@ -20,14 +20,39 @@ NEGATIVES_SCHEMA = pa.schema(
 )
 
 
-def hard_negatives(query_features: torch.Tensor, target_index: torch.Tensor, gallery_features: torch.Tensor,
+def never_negatives(records: list[dict], gallery_ids: list[str], gallery_captions: list[str]) -> torch.Tensor:
+    """Q x m gallery indices (-1 = padding) no query may be given as a negative: its target, its reference image,
+    and every image whose caption is the target's (a correct hit under the caption protocol)."""
+    position = {image_id: i for i, image_id in enumerate(gallery_ids)}
+    with_caption: dict[str, list[int]] = {}
+    for i, caption in enumerate(gallery_captions):
+        with_caption.setdefault(caption, []).append(i)
+    rows = []
+    for record in records:
+        target = position[record["target_id"]]
+        row = {target, *with_caption[gallery_captions[target]]}
+        if record["reference_id"] in position:
+            row.add(position[record["reference_id"]])
+        rows.append(sorted(row))
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def hard_negatives(query_features: torch.Tensor, never: torch.Tensor, gallery_features: torch.Tensor,
                    cfg, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores Q x k, gallery indices Q x k) of the nearest non-target gallery images; `cfg` is the `mine` section
-    (k, query_chunk, gallery_chunk)."""
+    """(scores Q x k, gallery indices Q x k) of the nearest gallery images other than the `never` ones
+    (never_negatives); `cfg` is the `mine` section (k, query_chunk, gallery_chunk)."""
     if cfg.k >= gallery_features.shape[0]:
         raise StageError(f"mine.k={cfg.k} must be smaller than the train gallery ({gallery_features.shape[0]} images)")
-    return chunked_topk(query_features, gallery_features, cfg.k, exclude=target_index[:, None],
-                        query_chunk=cfg.query_chunk, gallery_chunk=cfg.gallery_chunk, device=device)
+    scores, indices = chunked_topk(query_features, gallery_features, cfg.k, exclude=never,
+                                   query_chunk=cfg.query_chunk, gallery_chunk=cfg.gallery_chunk, device=device)
+    short = (indices < 0).any(dim=1).nonzero().flatten()
+    if len(short):
+        q = int(short[0])
+        allowed = gallery_features.shape[0] - int((never[q] >= 0).sum())
+        raise StageError(f"mine.k={cfg.k}: query row {q} may be given only {allowed} train gallery images as "
+                         f"negatives (its target, reference and same-caption images are excluded)")
+    return scores, indices
 
 
 def to_table(query_ids: list[str], gallery_ids: list[str], scores: torch.Tensor, indices: torch.Tensor) -> pa.Table:
