@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections import Counter
 
 import pytest
 from PIL import Image
@@ -37,6 +38,7 @@ SMALL = dict(
     novel_queries=20,
     novel_combos=4,
     queries_per_reference=4,
+    eval_gallery_size=0,
 )
 
 
@@ -222,6 +224,44 @@ def test_full_grid_allows_colour_and_size_only():
     assert {q.kind for q in data.queries} == {"colour", "size"}
 
 
+def test_distractors_grow_the_eval_galleries_and_leave_the_queries_alone():
+    plain, grown = shapes.generate(small_config()), shapes.generate(small_config(eval_gallery_size=150))
+    assert grown.queries == plain.queries  # the same queries, ids, references and targets
+    counts = Counter(grown.split_of.values())
+    assert counts["test"] == counts["novel"] == 150
+    assert {i for i, s in grown.split_of.items() if s == "train"} == {i for i, s in plain.split_of.items() if s == "train"}
+    assert set(plain.scenes) <= set(grown.scenes)
+    held_out = set(grown.held_out)
+    targets = {shapes.image_id(q.target) for q in grown.queries}
+    distractors = [i for i in grown.scenes if i not in plain.scenes]
+    before = Counter(plain.split_of.values())
+    assert len(distractors) == 300 - before["test"] - before["novel"] and not set(distractors) & targets
+    for i in distractors:
+        scene = grown.scenes[i]
+        assert shapes.image_id(scene) == i and grown.split_of[i] in ("test", "novel")
+        n = sum(obj is not None for obj in scene)
+        assert 2 <= n <= 5
+        if grown.split_of[i] == "test":  # held-out pairs stay out of every split but novel
+            assert not {obj.combo for obj in scene if obj} & held_out
+    # near misses of a target of their split (at most two cells differ: a move touches two), not random scenes
+    near = sum(any(sum(a != b for a, b in zip(grown.scenes[i], q.target)) <= 2 for q in grown.queries
+                   if q.split == grown.split_of[i]) for i in distractors)
+    assert near > 0.6 * len(distractors)
+    # a near miss of a non-remove query keeps every object but the named one
+    query = next(q for q in grown.queries if q.kind == "colour")
+    misses = shapes.near_misses(query, small_config(), list(grown.held_out) if query.split == "novel" else
+                                [c for c in shapes.ALL_COMBOS if c not in held_out])
+    assert misses and query.target not in misses
+    for miss in misses:
+        differing = [cell for cell in range(shapes.CELLS) if miss[cell] != query.target[cell]]
+        assert all(query.target[cell] in (None, query.named) for cell in differing)
+
+
+def test_an_unreachable_gallery_size_is_a_clear_error():
+    with pytest.raises(ParamsError, match="eval_gallery_size"):
+        shapes.generate(small_config(min_objects=1, max_objects=1, eval_gallery_size=10_000))
+
+
 def test_caption_round_trip_and_rejects_other_text():
     scene = parse_caption("a large red circle at top-left, a small blue square at centre")
     assert scene[0] == Obj("large", "red", "circle") and scene[4] == Obj("small", "blue", "square")
@@ -250,6 +290,7 @@ def test_unreachable_query_count_is_a_clear_error():
         ({"test_queries": 0}, r"test_queries: must be > 0"),
         ({"novel_combos": 24}, r"novel_combos: must be in 1\.\.23"),
         ({"novel_combos": 0}, r"novel_combos: "),
+        ({"eval_gallery_size": -1}, r"eval_gallery_size: must be >= 0"),
     ],
 )
 def test_bad_params_name_the_key(change, key):

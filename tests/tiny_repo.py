@@ -10,7 +10,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "resize", "shard", "vocabulary", "pretrain", "mine", "train", "evaluate"]
 TINY = {
-    "dataset": {"shapes": {"image_size": 40, "train_queries": 240, "test_queries": 60, "novel_queries": 60}},
+    "dataset": {"shapes": {"image_size": 40, "train_queries": 240, "test_queries": 60, "novel_queries": 60,
+                            "eval_gallery_size": 0}},
     "parallel": {"workers": 1},  # tests/test_parallel.py runs prepare/resize/shard in parallel
     "resize": {"size": 32},
     "shard": {"maxcount": 100},

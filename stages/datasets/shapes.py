@@ -10,7 +10,10 @@ Splits:
                   model must compose a shape and a colour it never saw together
 
 Every scene is one image whatever query uses it (its id hashes the scene) and every image belongs
-to exactly one split. Everything is drawn from one RNG seeded by `seed`: same params, same bytes.
+to exactly one split. With `eval_gallery_size` the test and novel galleries are topped up to that many images with
+distractor scenes, drawn after every query (the queries stay the same): near misses of a target, the target with
+the object its text names in another size, colour, shape or cell (once those are taken, one more edit of one),
+so only the text tells most of them apart and recall@10 and @50 do not saturate. Everything is drawn from one RNG seeded by `seed`: same params, same bytes.
 The scenes are drawn here, then rendered in parallel as the `parallel` params say (stages.common.parallel):
 the same bytes whatever the workers.
 """
@@ -77,6 +80,7 @@ class Config:
     novel_queries: int
     novel_combos: int
     queries_per_reference: int
+    eval_gallery_size: int = 0  # test and novel galleries topped up with distractors to this many images; 0 = none
 
     def __post_init__(self) -> None:
         require(self.image_size >= 16, "image_size", f"must be at least 16 pixels, got {self.image_size}")
@@ -86,6 +90,7 @@ class Config:
             "max_objects",
             f"must be in min_objects..{CELLS} ({self.min_objects}..{CELLS}), got {self.max_objects}",
         )
+        require(self.eval_gallery_size >= 0, "eval_gallery_size", f"must be >= 0, got {self.eval_gallery_size}")
         require(self.queries_per_reference > 0, "queries_per_reference",
                 f"must be > 0, got {self.queries_per_reference}")
         for split in SPLITS:
@@ -290,6 +295,47 @@ def _generate_split(
     return queries
 
 
+def near_misses(query: Query, cfg: Config, named_combos: list[tuple[str, str]]) -> list[Scene]:
+    """Scenes that differ from the query's target only in the object its text names: another size, colour or
+    shape (from the split's named combos) or another cell. Only the text tells them from the target. A `remove`
+    target has no named object left: its one-edit neighbours instead."""
+    target = query.target
+    cells = [cell for cell, obj in enumerate(target) if obj == query.named]
+    if query.kind == "remove" or not cells:
+        return [edit[2] for options in edits(target, cfg, named_combos).values() for edit in options]
+    cell, obj = cells[0], target[cells[0]]
+    variants = [_with(target, cell, Obj(size, colour, shape)) for shape, colour in named_combos for size in SIZES
+                if Obj(size, colour, shape) != obj]
+    free = [c for c in range(CELLS) if target[c] is None]
+    return variants + [_with(_with(target, cell, None), to, obj) for to in free]
+
+
+def _add_distractors(rng: random.Random, cfg: Config, split: str, allowed: list[tuple[str, str]],
+                     held_out: list[tuple[str, str]], queries: list[Query], split_of: dict[str, str],
+                     scenes: dict[str, Scene]) -> int:
+    """Register distractor scenes in `split` until its gallery holds cfg.eval_gallery_size images; returns how
+    many were added. A distractor is never a scene of any split already (so no query's answer changes)."""
+    named_combos = held_out if split == "novel" else allowed
+    have = sum(1 for s in split_of.values() if s == split)
+    added = failed = 0
+    while have + added < cfg.eval_gallery_size:
+        if failed >= MAX_FAILED_DRAWS:
+            raise ParamsError(f"dataset.shapes.eval_gallery_size: could find only {have + added} distinct {split} "
+                              f"scenes ({failed} draws in a row failed); lower it or widen min_objects..max_objects")
+        options = near_misses(rng.choice(queries), cfg, named_combos)
+        scene = rng.choice(options) if options else None
+        if scene is not None and image_id(scene) in split_of:  # taken: one more edit of it, a near miss further out
+            further = edits(scene, cfg, named_combos)
+            scene = rng.choice(further[rng.choice(sorted(further))])[2] if further else None
+        scene_id = None if scene is None else image_id(scene)
+        if scene_id is None or scene_id in split_of:
+            failed += 1
+            continue
+        split_of[scene_id], scenes[scene_id] = split, scene
+        added, failed = added + 1, 0
+    return added
+
+
 def generate(cfg: Config) -> ShapesData:
     """All scenes and queries of the dataset, without rendering anything."""
     rng = random.Random(cfg.seed)
@@ -300,6 +346,8 @@ def generate(cfg: Config) -> ShapesData:
     by_split = {
         split: _generate_split(rng, cfg, split, allowed, held_out, split_of, scenes) for split in GENERATION_ORDER
     }
+    for split in ("test", "novel"):  # after every query is drawn, so the queries do not depend on it
+        _add_distractors(rng, cfg, split, allowed, held_out, by_split[split], split_of, scenes)
     ordered_ids = sorted(scenes, key=lambda i: SPLITS.index(split_of[i]))  # stable: first use within a split
     return ShapesData(
         held_out=tuple(held_out),
