@@ -7,7 +7,7 @@ from stages.common.params import parse
 from stages.training.loop import LoopConfig, fit
 
 LOOP = dict(seed=0, steps=6, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, lr_decay_every=3,
-            lr_decay=0.5, optimizer="sgd", ema_decay=0.0, ema_as_released_every=0, shuffle_buffer=0, workers=0, device="cpu", checkpoint_every=2, log_every=1,
+            lr_decay=0.5, optimizer="sgd", ema_decay=0.0, ema_as_released_every=0, shuffle_buffer=0, pair_sampling="shuffled", workers=0, device="cpu", checkpoint_every=2, log_every=1,
             compile=False, distributed={"nproc_per_node": 1, "backend": "auto"})
 
 

@@ -37,7 +37,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 @section
 class LoopConfig:
     seed: int
-    steps: PositiveInt
+    steps: Annotated[int, Field(ge=0)]  # train: 0 = no fine-tuning, the pretrained weights are the model
     batch_size: Annotated[int, Field(gt=1)]
     lr: Annotated[float, Field(gt=0)]
     momentum: Annotated[float, Field(ge=0, lt=1)]
@@ -48,6 +48,9 @@ class LoopConfig:
     ema_decay: Annotated[float, Field(ge=0, lt=1)]  # EMA of the weights, saved as the model; 0 = off
     ema_as_released_every: Annotated[int, Field(ge=0)]  # AMC quirk: every N steps train on from the EMA weights
     shuffle_buffer: Annotated[int, Field(ge=0)]
+    # shuffled: the manifest's queries, shuffled | per_iteration: drawn afresh each step, two edits per reference,
+    # as TIRG's CSS3D / MIT-States loaders do (stages.shards.pairs)
+    pair_sampling: Literal["shuffled", "per_iteration"]
     workers: Annotated[int, Field(ge=0)]
     device: DeviceName
     checkpoint_every: PositiveInt
@@ -140,7 +143,7 @@ def data_parallel(model: torch.nn.Module, step_fn) -> Callable[[dict], tuple[tor
 
 def fit(
     model: torch.nn.Module,
-    batches: Iterator[dict],
+    batches: Iterator[dict] | Callable[[int], Iterator[dict]],
     step_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]],
     cfg: LoopConfig,
     work_dir: Path,
@@ -149,7 +152,9 @@ def fit(
 ) -> dict[str, float]:
     """Run cfg.steps optimiser steps; resume from `work_dir/resume.pt` when a crashed run left one.
 
-    Logs loss and learning rate with dvclive under `work_dir/live`; returns a one-line summary.
+    `batches` is an iterator, or a function of the first step that returns one (a sampler that can resume
+    where the crashed run stopped). Logs loss and learning rate with dvclive under `work_dir/live`; returns a
+    one-line summary.
     `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
     """
     optimizer, scheduler = make_optimizer(model, cfg)
@@ -171,6 +176,8 @@ def fit(
         if main:
             forget_logs_after(work_dir / "live", start)
             print(f"{name}: resuming at step {start} from {resume_file}")
+    if callable(batches):
+        batches = batches(start)
     live = Live(dir=str(work_dir / "live"), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None) if main else None
     model.train()
     step_once = data_parallel(model, step_fn)

@@ -1,0 +1,103 @@
+"""Training queries drawn afresh every iteration, as TIRG's CSS3D loader draws them (google/tirg datasets.py,
+reused unchanged by fuxianghuang1/GA@f808df1 datasets.py: CSSDataset.generate_random_query_target).
+
+The release alternates two draws. The first query takes a random modification text, then a random (reference,
+target) pair among those that text was written for (get_1st_training_query); the second keeps the reference and
+takes another of its texts (get_2nd_training_query). A batch of B therefore holds B/2 references with two edits
+each: harder in-batch negatives than a uniform shuffle of the manifest's queries. MIT-States' release loader
+draws alike (two targets of one source with different adjectives). Where a reference has a single text the
+release would loop for ever; here a new first query is drawn instead.
+
+Batch `step` depends on (seed, rank, step) alone: the same batches for a seed whatever the worker count, a
+resumed run goes on with the batch it would have drawn, and different steps draw different queries.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from stages.common import distributed
+from stages.common.errors import StageError
+from stages.common.params import PARAMS_FILE, ParamsError
+from stages.shards import store
+from stages.shards.loaders import _batches, decode_image, matching_batches, training_batches
+
+
+class PerIterationQueries(Dataset):
+    """Item `step` is the batch of training step `step` (the loaders' query-batch layout)."""
+
+    def __init__(self, shard_dir: Path | str, split: str, batch_size: int, seed: int, rank: int = 0):
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.records, self.images = [], {}
+        for query in store.iter_queries(shard_dir, split):
+            self.images[query["reference_id"]], self.images[query["target_id"]] = query["ref"], query["tgt"]
+            self.records.append({k: query[k] for k in ("query_id", "reference_id", "text", "target_id")})
+        if not self.records:
+            raise StageError(f"{shard_dir}: split {split!r} has no queries to draw training pairs from")
+        self.by_text: dict[str, list[int]] = {}
+        self.by_reference: dict[str, list[int]] = {}
+        for i, record in enumerate(self.records):
+            self.by_text.setdefault(record["text"], []).append(i)
+            self.by_reference.setdefault(record["reference_id"], []).append(i)
+        self.texts = sorted(self.by_text)
+
+    def __len__(self) -> int:
+        return 2**62  # endless: a DataLoader's sampler says which steps are drawn
+
+    def draw(self, step: int) -> list[int]:
+        """The record indices of step `step`'s batch: (first, second) queries, two per reference."""
+        rng = random.Random(f"{self.seed}:{self.rank}:{step}")
+        picked: list[int] = []
+        while len(picked) < self.batch_size:
+            first = rng.choice(self.by_text[rng.choice(self.texts)])
+            picked.append(first)
+            if len(picked) == self.batch_size:
+                break
+            record = self.records[first]
+            others = [i for i in self.by_reference[record["reference_id"]] if self.records[i]["text"] != record["text"]]
+            if others:
+                picked.append(rng.choice(others))
+        return picked
+
+    def __getitem__(self, step: int) -> dict:
+        records = [self.records[i] for i in self.draw(step)]
+        return {
+            "ref": torch.stack([decode_image(self.images[r["reference_id"]]) for r in records]),
+            "tgt": torch.stack([decode_image(self.images[r["target_id"]]) for r in records]),
+            "text": [r["text"] for r in records],
+            "query_id": [r["query_id"] for r in records],
+            "target_id": [r["target_id"] for r in records],
+        }
+
+
+def per_iteration_batches(shard_dir: Path | str, split: str, batch_size: int, seed: int, workers: int,
+                          start: int, steps: int, pin_memory: bool = False) -> Iterator[dict]:
+    """The batches of steps start..steps-1 (each rank its own draw, `batch_size` per rank)."""
+    dataset = PerIterationQueries(shard_dir, split, batch_size, seed, distributed.rank())
+    loader = DataLoader(dataset, batch_size=None, sampler=range(start, steps), num_workers=workers,
+                        pin_memory=pin_memory)
+    yield from _batches(loader)
+
+
+def check_pair_sampling(cfg, task: str, section: str) -> None:
+    """per_iteration draws composed-retrieval queries: a params error naming the key for image-text matching."""
+    if task == "matching" and cfg.pair_sampling != "shuffled":
+        raise ParamsError(f"{PARAMS_FILE}: {section}.pair_sampling: per_iteration draws composed-retrieval queries; "
+                          "task is matching (use shuffled)")
+
+
+def query_batches(shard_dir: Path | str, task: str, batch_size: int, cfg, pin_memory: bool = False):
+    """The train split's batches as the loop section `cfg` (pretrain or train) says: for `fit`, an iterator, or
+    with pair_sampling per_iteration a function of the first step (so a resumed run draws on where it stopped)."""
+    if task == "matching":
+        return matching_batches(shard_dir, "train", batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers,
+                                pin_memory=pin_memory)
+    if cfg.pair_sampling == "per_iteration":
+        return lambda start: per_iteration_batches(shard_dir, "train", batch_size, cfg.seed, cfg.workers, start,
+                                                   cfg.steps, pin_memory=pin_memory)
+    return training_batches(shard_dir, "train", batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers,
+                            pin_memory=pin_memory)
