@@ -86,9 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=".", help="the DVC repository (default: here)")
     parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                        help="a param override passed to DVC as -S (repeatable)")
+                        help="a param override passed to DVC as -S (repeatable; wins over --recipe)")
+    parser.add_argument("--recipe", help="a released recipe (pipelines/recipes/NAME.yaml; python -m pipelines.recipes)")
     args = parser.parse_args(argv)
-    for record in repro(root=args.root, overrides=args.overrides):
+    from pipelines import recipes
+
+    overrides = recipes.overrides(args.recipe, args.overrides, Path(args.root) / "params.yaml")
+    for record in repro(root=args.root, overrides=overrides):
         print(f"{record['stage']:<12} {record['status']:<11} {record['seconds']:>8.2f} s")
 
 

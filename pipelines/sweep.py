@@ -38,6 +38,16 @@ def _as_param_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def _with_recipe(group: dict) -> dict[str, str]:
+    """A named option's params; `recipe: NAME` stands for the recipe's params (the option's other keys win)."""
+    from pipelines import recipes
+
+    group = dict(group)
+    name = group.pop("recipe", None)
+    params = recipes.load(name)[1] if name else {}
+    return {**params, **{k: _as_param_value(v) for k, v in group.items()}}
+
+
 def parse_grid(sets: list[str] | None, grid_file: Path | None) -> Grid:
     """{axis: values} from `--set key=v1,v2` items and/or a YAML file. An axis is a param with its
     values, or a name with named options {label: {param: value, ...}}."""
@@ -51,8 +61,7 @@ def parse_grid(sets: list[str] | None, grid_file: Path | None) -> Grid:
                 for label, group in values.items():
                     if not isinstance(group, dict) or not group:
                         raise ValueError(f"{grid_file}: {key}.{label}: expected a mapping of param -> value")
-                grid[key] = {str(label): {k: _as_param_value(v) for k, v in group.items()}
-                             for label, group in values.items()}
+                grid[key] = {str(label): _with_recipe(group) for label, group in values.items()}
                 continue
             values = values if isinstance(values, list) else [values]
             grid[key] = [_as_param_value(v) for v in values]

@@ -12,7 +12,8 @@ from stages.common import distributed
 from stages.shards import store
 from stages.common.atomic import write_json
 from stages.common.errors import run_stage
-from stages.shards.loaders import decode_image, matching_batches, training_batches
+from stages.shards.loaders import decode_image
+from stages.shards.pairs import check_pair_sampling, query_batches
 from stages.modeling.factory import ModelConfig, build_model, save_model
 from stages.training.objectives import (
     GAConfig,
@@ -21,9 +22,8 @@ from stages.training.objectives import (
     isotropic_noise,
     matching_loss,
     training_loss,
-    with_ga,
 )
-from stages.common.params import load, read_task
+from stages.common.params import ParamsError, load, read_task
 from stages.modeling.text import training_text
 from stages.training.loop import LoopConfig, compile_model, fingerprint, fit, output_dir, seed_everything
 from stages.common.device import pick_device, place_model
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg.check_task(task)
     loss_cfg.check_model(model_cfg.name, cfg.batch_size, "pretrain")
     check_ga_task(ga, task)
+    check_pair_sampling(cfg, task, "pretrain")
+    if cfg.steps == 0:
+        raise ParamsError(f"{args.params}: pretrain.steps: must be > 0 (train.steps may be 0)")
 
     store.read_index(args.shards)
     seed_everything(cfg.seed)
@@ -66,16 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     def step(model, batch):
         if task == "matching":
             return matching_loss(model, loss_cfg, tokenizer, batch, device)
-        loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, device)
+        loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, device, ga)
         return loss, logs
 
     key = fingerprint(task, model_cfg, cfg, loss_cfg, ga, store.index_digest(args.shards),
                       tokenizer.state_dict())
     with output_dir(args.out, key, world) as work:
-        batches = (matching_batches if task == "matching" else training_batches)(
-            args.shards, "train", batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers,
-            pin_memory=device.type == "cuda")
-        summary = fit(model, batches, with_ga(step, ga), cfg, work, "pretrain", isotropic_noise(ga, cfg.seed))
+        batches = query_batches(args.shards, task, batch_size, cfg, pin_memory=device.type == "cuda")
+        summary = fit(model, batches, step, cfg, work, "pretrain", isotropic_noise(ga, cfg.seed))
         if world.main:
             if args.metrics:
                 write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})

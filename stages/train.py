@@ -24,7 +24,8 @@ from stages.common import distributed
 from stages.shards import store
 from stages.common.atomic import write_json
 from stages.common.errors import StageError, run_stage
-from stages.shards.loaders import decode_image, matching_batches, training_batches
+from stages.shards.loaders import decode_image, matching_batches
+from stages.shards.pairs import check_pair_sampling, query_batches
 from stages.training.aoq import AOQNegatives, aoq_batch_loss
 from stages.retrieval.rerank import SIAM_FILE
 from stages.training.siam import build_siam, save_siam, siam_step
@@ -38,7 +39,6 @@ from stages.training.objectives import (
     isotropic_noise,
     matching_loss,
     training_loss,
-    with_ga,
 )
 from stages.common.params import PARAMS_FILE, ParamsError, load, read_task, section
 from stages.modeling.text import tokenizer_from_state
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, loss_cfg = load(TrainConfig, "train", args.params), load(LossConfig, "loss", args.params)
     ga, task = load(GAConfig, "ga", args.params), read_task(args.params)
     check_ga_task(ga, task)
+    check_pair_sampling(cfg, task, "train")
     if cfg.siam_steps and cfg.distributed.nproc_per_node > 1:
         raise ParamsError(f"{PARAMS_FILE}: train.siam_steps: SIAM trains in one process; "
                           "set train.distributed.nproc_per_node to 1 or train.siam_steps to 0")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         sampler = NegativeSampler(read_negatives(mined), images, cfg.negatives_per_query, cfg.seed)
 
     def step(model, batch):
-        loss, q, t, logs = training_loss(model, loss_cfg, tokenizer, batch, device)
+        loss, q, t, logs = training_loss(model, loss_cfg, tokenizer, batch, device, ga)
         logs["metric_loss"] = loss.item()
         if sampler is not None:
             negatives = sampler(batch["query_id"])
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
 
     key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined), store.index_digest(args.shards))
     with output_dir(args.out, key, world) as work:
-        batches = training_batches(args.shards, "train", distributed.local_batch(cfg.batch_size, "train"),
-                                   cfg.shuffle_buffer, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
-        summary = fit(model, batches, with_ga(step, ga), cfg, work, "train", isotropic_noise(ga, cfg.seed))
+        batches = query_batches(args.shards, task, distributed.local_batch(cfg.batch_size, "train"), cfg,
+                                pin_memory=device.type == "cuda")
+        summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed))
         if world.main:
             if args.metrics:
                 write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})

@@ -131,3 +131,23 @@ def test_tokenizer_pads_and_counts_special_tokens(minilm):
     assert tokenizer.encode("red") == [cls, red, sep]
     long_tokens, long_lengths = tokenizer.batch(["red " * 400, "red"])
     assert long_tokens.shape == (2, 256) and long_lengths.tolist() == [256, 3] and long_tokens[0, -1] == sep
+
+
+def test_composeae_reads_and_reconstructs_the_frozen_features_as_released(minilm):
+    """ComposeAE's release feeds frozen BERT vectors straight into γ and reconstructs those vectors (L_RT);
+    with MiniLM the text vector is MiniLM's own 384-d output, with no trainable projection."""
+    from stages.common.params import parse
+    from stages.modeling.factory import ModelConfig, build_model
+    from tiny_repo import model_params
+
+    backbone, tokenizer = minilm
+    cfg = parse(ModelConfig, "model", model_params(
+        name="composeae", embed_dim=16, image={"encoder": "small_cnn", "weights": None, "channels": [4]},
+        text={"encoder": "minilm", "embed_dim": 8, "hidden_dim": 8, "dropout": 0.0}))
+    model = build_model(cfg, len(tokenizer), 16).eval()
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    tokens, lengths = tokenizer.batch(PARAPHRASES)
+    phi_t = model.encode_text(tokens, lengths)
+    assert torch.allclose(phi_t, MiniLMTextEncoder(backbone).eval()(tokens, lengths), atol=1e-6)
+    theta = model.compose(model.encode_image(torch.randn(2, 3, 16, 16)), phi_t)
+    assert model.text_decoder(theta).shape == (2, 384)

@@ -83,3 +83,11 @@ def test_staged_dir_appears_only_when_complete_and_resumes(tmp_path):
         with staged_dir(out) as work:
             raise RuntimeError("crash")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_floats_written_the_way_dvc_exp_run_writes_them_are_numbers(tmp_path):
+    # `dvc exp run -S train.weight_decay=1e-6` writes `1e-06`, which plain PyYAML reads as a string
+    from stages.common.params import read_yaml
+
+    (tmp_path / "params.yaml").write_text("a: 1e-06\nb: 1.0e-6\nc: -2E+3\nd: 12\ne: 1e5x\nf: .5\n")
+    assert read_yaml(tmp_path / "params.yaml") == {"a": 1e-06, "b": 1e-06, "c": -2000.0, "d": 12, "e": "1e5x", "f": 0.5}

@@ -64,6 +64,13 @@ class ComplexProjection(nn.Module):
 
 
 class ComposeAE(nn.Module):
+    # The release's named_parameters() order (GA img_text_composition_models.py ComposeAE): normalization_layer,
+    # img_model, text_model, a, encoderLinear (ComplexProjectionModule: bert_features = γ, then image_features = η;
+    # LinearMapping = ρ), encoderWithConv (γ, η; ConvMapping: mapping = ρ_conv's head, then conv), decoder, txtdecoder.
+    RELEASED_PARAMETER_ORDER = ("normalize", "image_encoder", "text_encoder", "a", "projection_linear.gamma",
+                                "projection_linear.eta", "rho", "projection_conv.gamma", "projection_conv.eta",
+                                "rho_conv_head", "conv", "image_decoder", "text_decoder")
+
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int, text_dim: int,
                  norm_scale: float, as_released_conjugate_batch_limit: bool = False):
         super().__init__()
@@ -131,7 +138,12 @@ class ComposeAE(nn.Module):
 
 
 def build(parts) -> ComposeAE:
-    """models/registry.py: ComposeAE on the image vector and a text vector of the same size."""
+    """models/registry.py: ComposeAE on the image vector and a text vector. With a frozen sentence encoder
+    (model.text.encoder: minilm) the text vector is its features as they come, 384-d, no trainable projection:
+    the release feeds frozen BERT features straight into γ and reconstructs those features (L_RT)."""
     d = parts.embed_dim
-    return ComposeAE(parts.vector_encoder(), parts.text_encoder(d), d, d, parts.norm_scale,
+    image = parts.vector_encoder()
+    frozen = parts.cfg.text.encoder == "minilm"
+    text = parts.text_encoder(None if frozen else d)
+    return ComposeAE(image, text, d, text.out_dim if frozen else d, parts.norm_scale,
                      parts.cfg.composeae.as_released_conjugate_batch_limit)

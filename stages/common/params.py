@@ -5,8 +5,9 @@ names the file and the key (`params.yaml: train.lr: Input should be greater than
 """
 from __future__ import annotations
 
-from pathlib import Path
 import dataclasses
+import re
+from pathlib import Path
 import typing
 from typing import Any, TypeVar
 
@@ -16,6 +17,22 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 PARAMS_FILE = Path("params.yaml")
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, plus YAML 1.2's floats without a dot (`1e-06`): `dvc exp run -S` writes
+    1e-6 so, and PyYAML alone would read it as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
 
 
 class ParamsError(ValueError):
@@ -35,7 +52,7 @@ def require(condition: bool, key: str, message: str) -> None:
 
 def read_yaml(path: Path = PARAMS_FILE) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.load(Path(path).read_text(), Loader=_Loader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run the stage from the repository root)") from None
     except yaml.YAMLError as err:

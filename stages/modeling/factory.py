@@ -130,10 +130,11 @@ class Parts:
         self.cfg, self.vocab_size, self.image_size, self.weights = cfg, vocab_size, image_size, weights
         self.embed_dim, self.norm_scale = cfg.embed_dim, cfg.norm_scale
 
-    def text_encoder(self, out_dim: int, own_lstm: Callable[[TextConfig], nn.Module] | None = None,
+    def text_encoder(self, out_dim: int | None, own_lstm: Callable[[TextConfig], nn.Module] | None = None,
                      words_and_sentence: bool = False) -> nn.Module:
         """`model.text.encoder`: minilm, or the LSTM (the model's own `own_lstm(text_cfg)`, else TIRG's).
-        `words_and_sentence`: MiniLM returns (word features, sentence vector), as AMC's own LSTM does."""
+        `words_and_sentence`: MiniLM returns (word features, sentence vector), as AMC's own LSTM does.
+        out_dim None: MiniLM's frozen 384-d features with no trainable projection (ComposeAE)."""
         t = self.cfg.text
         if t.encoder == "minilm":
             from stages.modeling.text import minilm_text_encoder

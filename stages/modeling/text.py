@@ -38,7 +38,7 @@ def training_text(text_encoder: str, vocab_dir: Path):
     return vocab, vectors
 
 
-def minilm_text_encoder(out_dim: int, amc_pair: bool = False):
+def minilm_text_encoder(out_dim: int | None, amc_pair: bool = False):
     """The frozen all-MiniLM-L6-v2 encoder with a trainable Linear(384 -> out_dim) head; for AMC it returns
     (word features, sentence vector) as AMC's own text encoder does."""
     from models.minilm import MiniLMTextEncoder
