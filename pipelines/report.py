@@ -1,6 +1,13 @@
 """The results table of a sweep, read from `dvc exp show`, as Markdown (optionally written into README.md).
 
     python -m pipelines.report --csv sweeps/shapes_models.csv [--readme README.md] [--marker NAME] [--root .]
+    python -m pipelines.report --csv sweeps/shapes_recipes.csv --compare tirg_lastconv_ga:tirg_lastconv \
+        --png docs/figures/shapes_recipes.png --readme README.md --marker recipes
+
+A sweep whose grid has a `seed` axis (`--seed-axis`) and an `arm` axis (`--arm-axis`) is reported per arm: each
+metric's mean over the seeds with its 95% confidence interval, then for every `--compare A:B` the paired
+difference A − B over the seeds both ran, its interval, and one sentence saying whether the interval excludes
+zero; `--png` draws the arms' means and intervals as bars (pipelines/stats.py has the arithmetic).
 
 The CSV (written by the `sweep` flow) only names the experiments and their labels; every number comes from
 `dvc exp show --json`: params.yaml values, metrics/evaluate.json (recall of the composed query under the
@@ -16,6 +23,7 @@ from pathlib import Path
 
 from pipelines.common import shown_experiments
 from pipelines.repro import flatten
+from pipelines.stats import Interval, interval, paired_difference
 
 BEGIN, END = "<!-- sweep-table:begin -->", "<!-- sweep-table:end -->"
 
@@ -77,6 +85,124 @@ def composed_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+# the metrics of the seeds tables: (column title, key in a row; {protocol} is the first evaluate protocol)
+COMPOSED_METRICS = [("test R@1", "evaluate.composed.test.{protocol}.r1"),
+                    ("test R@10", "evaluate.composed.test.{protocol}.r10"),
+                    ("test R@50", "evaluate.composed.test.{protocol}.r50"),
+                    ("novel R@1", "evaluate.composed.novel.{protocol}.r1"),
+                    ("novel R@10", "evaluate.composed.novel.{protocol}.r10"),
+                    ("novel R@50", "evaluate.composed.novel.{protocol}.r50")]
+MATCHING_METRICS = [("test i2t R@1", "evaluate.test.all.i2t.r1"), ("test t2i R@1", "evaluate.test.all.t2i.r1"),
+                    ("test rsum", "evaluate.test.all.rsum"), ("novel rsum", "evaluate.novel.all.rsum"),
+                    ("test t2i R@1 after SIAM", "evaluate.test.siam_reranked.t2i.r1")]
+
+
+def metric_keys(rows: list[dict[str, object]]) -> list[tuple[str, str]]:
+    if rows and rows[0].get("params.task") == "matching":
+        return [(title, key) for title, key in MATCHING_METRICS if any(key in row for row in rows)]
+    protocols = rows[0].get("params.evaluate.protocols") if rows else None
+    protocol = protocols[0] if isinstance(protocols, list) else "target"
+    return [(title, key.format(protocol=protocol)) for title, key in COMPOSED_METRICS]
+
+
+def by_arm(sweep_rows: list[dict[str, str]], found: dict[str, dict], arm_axis: str, seed_axis: str
+           ) -> dict[str, dict[str, dict[str, object]]]:
+    """{arm: {seed: experiment row}} in the CSV's order of arms."""
+    arms: dict[str, dict[str, dict[str, object]]] = {}
+    for row in sweep_rows:
+        for axis in (arm_axis, seed_axis):
+            if axis not in row:
+                raise SystemExit(f"the sweep CSV has no {axis!r} column (a grid axis of that name)")
+        arms.setdefault(row[arm_axis], {})[row[seed_axis]] = found[row["experiment"]]
+    return arms
+
+
+def seeds_table(arms: dict[str, dict[str, dict[str, object]]], keys: list[tuple[str, str]]) -> str:
+    header = "| arm | seeds | " + " | ".join(title for title, _ in keys) + " | train s |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for arm, seeds in arms.items():
+        cells = [arm, str(len(seeds))]
+        for _, key in keys:
+            values = [float(row[key]) for row in seeds.values() if row.get(key) is not None]
+            cells.append(interval(values).text() if values else "n/a")
+        seconds = [float(row.get("pretrain.seconds", 0)) + float(row.get("train.seconds", 0)) for row in seeds.values()]
+        cells.append(f"{sum(seconds) / len(seconds):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def differences(arms: dict[str, dict[str, dict[str, object]]], keys: list[tuple[str, str]],
+                pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Interval]]:
+    out = {}
+    for a, b in pairs:
+        for arm in (a, b):
+            if arm not in arms:
+                raise SystemExit(f"--compare {a}:{b}: no arm {arm!r} in the sweep (arms: {', '.join(arms)})")
+        out[(a, b)] = {title: paired_difference({s: float(r[key]) for s, r in arms[a].items() if key in r},
+                                                {s: float(r[key]) for s, r in arms[b].items() if key in r})
+                       for title, key in keys}
+    return out
+
+
+def differences_table(diffs: dict[tuple[str, str], dict[str, Interval]], keys: list[tuple[str, str]]) -> str:
+    header = "| A − B | seeds | " + " | ".join(f"Δ {title}" for title, _ in keys) + " |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for (a, b), by_metric in diffs.items():
+        n = min(d.n for d in by_metric.values())
+        cells = [f"{a} − {b}", str(n)] + [
+            by_metric[title].text(signed=True) + (" *" if by_metric[title].excludes_zero() else "") for title, _ in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n* the 95% interval of the paired difference excludes zero."
+
+
+def verdicts(diffs: dict[tuple[str, str], dict[str, Interval]], metrics: tuple[str, ...]) -> str:
+    """One plain sentence per comparison and headline metric."""
+    lines = []
+    for (a, b), by_metric in diffs.items():
+        parts = []
+        for title in metrics:
+            d = by_metric.get(title)
+            if d is None:
+                continue
+            if d.n < 2:
+                parts.append(f"{title} {d.text(signed=True)} from one seed, no interval")
+            elif d.excludes_zero():
+                word = "higher" if d.mean > 0 else "lower"
+                parts.append(f"{title} {d.text(signed=True)}: {a} is {word}, the interval excludes zero")
+            else:
+                parts.append(f"{title} {d.text(signed=True)}: the interval includes zero, no difference is shown")
+        lines.append(f"- {a} vs {b} ({min(d.n for d in by_metric.values())} seeds): " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def draw(arms: dict[str, dict[str, dict[str, object]]], keys: list[tuple[str, str]], path: Path) -> None:
+    """Bars: each arm's mean of the first and fourth metric (test / novel R@1; matching: the first two), 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.common.atomic import atomic_path
+
+    shown = [keys[0], keys[3]] if len(keys) > 3 else keys[:2]
+    width = 0.8 / len(shown)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(arms), 3.6), dpi=120)
+    for j, (title, key) in enumerate(shown):
+        stats_ = [interval([float(r[key]) for r in seeds.values() if key in r]) for seeds in arms.values()]
+        xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(arms))]
+        errors = [0 if s.n < 2 else s.half_width for s in stats_]
+        ax.bar(xs, [s.mean for s in stats_], width, yerr=errors, capsize=3, label=title)
+    ax.set_xticks(range(len(arms)), list(arms), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("recall %" if "R@" in shown[0][0] else shown[0][0])
+    ax.set_title("mean over seeds, 95% confidence interval", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{float(value):.1f}"
 
@@ -103,7 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path, required=True, help="the sweep's CSV (experiment names)")
     parser.add_argument("--readme", type=Path, help="write the table into this file between the markers")
     parser.add_argument("--marker", help="the README markers' name (default: the unnamed pair)")
-    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--root", type=Path, default=Path("."), help="the DVC repository (default: here)")
+    parser.add_argument("--arm-axis", default="arm", help="the grid axis naming the arms (default: arm)")
+    parser.add_argument("--seed-axis", default="seed", help="the grid axis naming the seeds (default: seed)")
+    parser.add_argument("--compare", action="append", default=[], metavar="A:B",
+                        help="report the paired difference arm A − arm B (repeatable; seeds mode)")
+    parser.add_argument("--png", type=Path, help="seeds mode: draw the arms' means and intervals here")
     args = parser.parse_args(argv)
     with open(args.csv, newline="") as f:
         sweep_rows = [row for row in csv.DictReader(f) if row["status"] == "done"]
@@ -111,7 +242,21 @@ def main(argv: list[str] | None = None) -> None:
     missing = [row["experiment"] for row in sweep_rows if row["experiment"] not in found]
     if missing:
         raise SystemExit(f"{args.csv}: experiments not in `dvc exp show`: {missing}")
-    markdown = table([found[row["experiment"]] for row in sweep_rows])
+    if sweep_rows and args.seed_axis in sweep_rows[0]:
+        arms = by_arm(sweep_rows, found, args.arm_axis, args.seed_axis)
+        keys = metric_keys([row for seeds in arms.values() for row in seeds.values()])
+        markdown = seeds_table(arms, keys)
+        pairs = [tuple(item.split(":", 1)) for item in args.compare]
+        if any(len(p) != 2 for p in pairs):
+            raise SystemExit("--compare takes A:B")
+        if pairs:
+            diffs = differences(arms, keys, pairs)
+            headline = tuple(title for title, _ in keys if title in ("test R@1", "novel R@1", "test rsum"))
+            markdown += "\n\n" + differences_table(diffs, keys) + "\n\n" + verdicts(diffs, headline)
+        if args.png:
+            draw(arms, keys, args.png)
+    else:
+        markdown = table([found[row["experiment"]] for row in sweep_rows])
     print(markdown)
     if args.readme:
         write_into_readme(args.readme, markdown, args.marker)
