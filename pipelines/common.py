@@ -97,3 +97,9 @@ def shown_experiments(root: Path, names: set[str]) -> dict[str, dict]:
             for rev in experiment["revs"]
             if rev.get("name") in names and rev.get("data")}
 
+
+def param_value(value) -> str:
+    """A params value as the text `dvc exp run -S key=<text>` takes (YAML flow style)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

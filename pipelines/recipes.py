@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.common import param_value
 from pipelines.repro import flatten
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -23,10 +24,6 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 
 def names() -> list[str]:
     return sorted(p.stem for p in RECIPES.glob("*.yaml"))
-
-
-def _as_param_value(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def load(name: str, params_file: Path = Path("params.yaml")) -> tuple[str, dict[str, str]]:
@@ -41,7 +38,7 @@ def load(name: str, params_file: Path = Path("params.yaml")) -> tuple[str, dict[
     unknown = [key for key in raw["params"] if key not in known]
     if unknown:
         raise ValueError(f"{path}: {unknown[0]!r} is not a key of {params_file}")
-    return str(raw["description"]), {key: _as_param_value(value) for key, value in raw["params"].items()}
+    return str(raw["description"]), {key: param_value(value) for key, value in raw["params"].items()}
 
 
 def overrides(name: str | None, sets: list[str] | None, params_file: Path = Path("params.yaml")) -> list[str]:

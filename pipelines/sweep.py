@@ -27,15 +27,11 @@ import yaml
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
-from pipelines.common import dvc, load_orchestration, shown_experiments, tail
+from pipelines.common import dvc, load_orchestration, param_value, shown_experiments, tail
 from pipelines.repro import flatten
 
 
 Grid = dict[str, Union[list[str], dict[str, dict[str, str]]]]
-
-
-def _as_param_value(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _with_recipe(group: dict) -> dict[str, str]:
@@ -45,7 +41,7 @@ def _with_recipe(group: dict) -> dict[str, str]:
     group = dict(group)
     name = group.pop("recipe", None)
     params = recipes.load(name)[1] if name else {}
-    return {**params, **{k: _as_param_value(v) for k, v in group.items()}}
+    return {**params, **{k: param_value(v) for k, v in group.items()}}
 
 
 def parse_grid(sets: list[str] | None, grid_file: Path | None) -> Grid:
@@ -64,7 +60,7 @@ def parse_grid(sets: list[str] | None, grid_file: Path | None) -> Grid:
                 grid[key] = {str(label): _with_recipe(group) for label, group in values.items()}
                 continue
             values = values if isinstance(values, list) else [values]
-            grid[key] = [_as_param_value(v) for v in values]
+            grid[key] = [param_value(v) for v in values]
     for item in sets or []:
         key, eq, values = item.partition("=")
         if not eq or not key or not values:
