@@ -10,10 +10,17 @@ embeddings (cosine = dot product):
   0-based ranks, exactly as `evaluation.py` computes them; rsum = sum of R@K over both directions.
 
 Ranks are computed without sorting: the 0-based rank of a query is the number of NEGATIVE
-candidates (not its ground truth) whose score is strictly higher than its best positive's score.
-Tie rule: a negative scoring exactly as high as the best positive does not count, i.e. ties go in
-the positive's favour (`evaluation.py` leaves them to argsort's order). The similarity matrix is
-built one (query_chunk x gallery_chunk) block at a time, never whole.
+candidates (not its ground truth) that come before its best positive in the order "score descending,
+then `tie_order` ascending". Tie rule: among equal scores the candidates are ordered by a fixed,
+seeded random permutation of the gallery (`tie_order`), as a stable argsort of a once-shuffled
+gallery would order them. So a model whose embeddings collapse (to one vector, or to zeros) ranks
+like a random ranker, i.e. scores chance level, instead of 100% under "ties go to the positive" or
+0% under "ties go to the negatives". `evaluation.py`'s `numpy.argsort(d)[::-1]` leaves ties to
+numpy's unstable quicksort, an order that is neither defined nor random; for scores without ties
+(any working model in float32) every rule gives the same ranks. Non-finite embeddings raise. The
+similarity matrix is built one (query_chunk x gallery_chunk) block at a time, never whole, twice
+(the positives' scores, then the count), so a positive and its negatives are scored by the same
+product.
 
 COCO 5K and Flickr30K 1K are `i2t_t2i` over all test images; COCO 1K is `coco_1k_folds`.
 """
@@ -35,14 +42,16 @@ def i2t_t2i(
     ks: Sequence[int] = (1, 5, 10),
     query_chunk: int = 1024,
     gallery_chunk: int = 8192,
+    tie_orders: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Metrics:
     """Both directions' recall on n images (n x d) and m captions (m x d); text_image (m,) is the
     image row of every caption. Every image needs at least one caption (ValueError otherwise).
+    tie_orders: (the captions' order, the images' order) among equal scores; default `tie_order`'s.
 
     Returns {"i2t": {"r<K>": %, ..., "medr", "meanr"}, "t2i": {...}, "rsum": sum of all R@K},
     percentages rounded to 2 decimals.
     """
-    return _rounded(_metrics(image_emb, text_emb, text_image, ks, query_chunk, gallery_chunk))
+    return _rounded(_metrics(image_emb, text_emb, text_image, ks, query_chunk, gallery_chunk, tie_orders))
 
 
 def coco_1k_folds(
@@ -113,39 +122,88 @@ def fold_rows(folds: Mapping[str, Sequence[str]], image_ids: Sequence[str]) -> l
 # ------------------------------------------------------------------------------------------ ranks
 
 
-def i2t_ranks(image_emb, text_emb, text_image, query_chunk: int = 1024, gallery_chunk: int = 8192) -> torch.Tensor:
-    """0-based rank of every image's best caption: the number of other images' captions scoring
-    strictly higher than the best of its own captions (ties in the positive's favour). (n,) long."""
+TIE_SEED = 0
+
+
+def tie_order(count: int, seed: int = TIE_SEED) -> torch.Tensor:
+    """The place of each of `count` candidates among candidates with the same score (lower first): a
+    permutation of 0..count-1 drawn with `seed`. (count,) long."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+
+
+def i2t_ranks(image_emb, text_emb, text_image, query_chunk: int = 1024, gallery_chunk: int = 8192,
+              order: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of every image's best caption: the number of other images' captions before the
+    first of its own in (score descending, `order` ascending); `order` defaults to tie_order(captions).
+    (n,) long."""
     text_image = check_pairing(image_emb, text_emb, text_image)
-    n = image_emb.shape[0]
-    best = torch.full((n,), float("-inf"), device=text_image.device).scatter_reduce(
-        0, text_image, _positive_scores(image_emb, text_emb, text_image), reduce="amax")
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    order = _check_order(order, m, text_image.device)
+    blocks = lambda: _blocks(image_emb, text_emb, query_chunk, gallery_chunk)  # noqa: E731
+    best = torch.full((n,), float("-inf"), device=text_image.device)
+    best_order = torch.full((n,), m, dtype=torch.long, device=text_image.device)
+    for rows, cols, block in blocks():
+        own = text_image[cols][None, :] == rows[:, None]
+        _merge_best(best, best_order, rows, block, own, order[cols])
     ranks = torch.zeros(n, dtype=torch.long, device=text_image.device)
-    for q0 in range(0, n, query_chunk):
-        q = image_emb[q0 : q0 + query_chunk].float()
-        rows = torch.arange(q0, q0 + q.shape[0], device=text_image.device)
-        for g0 in range(0, text_emb.shape[0], gallery_chunk):
-            block = q @ text_emb[g0 : g0 + gallery_chunk].float().T
-            own = text_image[g0 : g0 + block.shape[1]][None, :] == rows[:, None]
-            ranks[q0 : q0 + q.shape[0]] += ((block > best[q0 : q0 + q.shape[0], None]) & ~own).sum(1)
+    for rows, cols, block in blocks():
+        own = text_image[cols][None, :] == rows[:, None]
+        ranks[rows] += (_before(block, order[cols], best[rows], best_order[rows]) & ~own).sum(1)
     return ranks.cpu()
 
 
-def t2i_ranks(image_emb, text_emb, text_image, query_chunk: int = 1024, gallery_chunk: int = 8192) -> torch.Tensor:
-    """0-based rank of every caption's image: the number of other images scoring strictly higher
-    than its own image (ties in the positive's favour). (m,) long."""
+def t2i_ranks(image_emb, text_emb, text_image, query_chunk: int = 1024, gallery_chunk: int = 8192,
+              order: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of every caption's image: the number of other images before its own in (score
+    descending, `order` ascending); `order` defaults to tie_order(images). (m,) long."""
     text_image = check_pairing(image_emb, text_emb, text_image)
-    m = text_emb.shape[0]
-    positive = _positive_scores(image_emb, text_emb, text_image)
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    order = _check_order(order, n, text_image.device)
+    blocks = lambda: _blocks(text_emb, image_emb, query_chunk, gallery_chunk)  # noqa: E731
+    positive = torch.full((m,), float("-inf"), device=text_image.device)
+    for rows, cols, block in blocks():
+        own = cols[None, :] == text_image[rows][:, None]
+        positive[rows] = torch.maximum(positive[rows], block.masked_fill(~own, float("-inf")).amax(1))
     ranks = torch.zeros(m, dtype=torch.long, device=text_image.device)
-    for q0 in range(0, m, query_chunk):
-        q = text_emb[q0 : q0 + query_chunk].float()
-        own_image = text_image[q0 : q0 + q.shape[0]]
-        for g0 in range(0, image_emb.shape[0], gallery_chunk):
-            block = q @ image_emb[g0 : g0 + gallery_chunk].float().T
-            own = torch.arange(g0, g0 + block.shape[1], device=text_image.device)[None, :] == own_image[:, None]
-            ranks[q0 : q0 + q.shape[0]] += ((block > positive[q0 : q0 + q.shape[0], None]) & ~own).sum(1)
+    for rows, cols, block in blocks():
+        own = cols[None, :] == text_image[rows][:, None]
+        ranks[rows] += (_before(block, order[cols], positive[rows], order[text_image[rows]]) & ~own).sum(1)
     return ranks.cpu()
+
+
+def _blocks(queries, gallery, query_chunk, gallery_chunk):
+    """(query rows, gallery rows, float32 scores) for every (query_chunk x gallery_chunk) block."""
+    device = gallery.device
+    for q0 in range(0, queries.shape[0], query_chunk):
+        q = queries[q0 : q0 + query_chunk].float()
+        rows = torch.arange(q0, q0 + q.shape[0], device=device)
+        for g0 in range(0, gallery.shape[0], gallery_chunk):
+            g = gallery[g0 : g0 + gallery_chunk].float()
+            yield rows, torch.arange(g0, g0 + g.shape[0], device=device), q @ g.T
+
+
+def _merge_best(best, best_order, rows, block, own, cols_order) -> None:
+    """Fold a block's own captions into each query's first own caption (highest score, then lowest order)."""
+    top = block.masked_fill(~own, float("-inf")).amax(1)
+    at_top = own & (block == top[:, None])
+    top_order = torch.where(at_top, cols_order[None, :], torch.iinfo(torch.long).max).amin(1)
+    better = (top > best[rows]) | ((top == best[rows]) & (top_order < best_order[rows]))
+    best[rows] = torch.where(better, top, best[rows])
+    best_order[rows] = torch.where(better, top_order, best_order[rows])
+
+
+def _before(block, cols_order, score, score_order) -> torch.Tensor:
+    """Which candidates come before a positive of (score, order): higher score, or equal and lower order."""
+    return (block > score[:, None]) | ((block == score[:, None]) & (cols_order[None, :] < score_order[:, None]))
+
+
+def _check_order(order, count: int, device) -> torch.Tensor:
+    if order is None:
+        return tie_order(count).to(device)
+    order = torch.as_tensor(order).to(device=device, dtype=torch.long)
+    if order.shape != (count,) or not torch.equal(torch.sort(order).values, torch.arange(count, device=device)):
+        raise ValueError(f"order must be a permutation of 0..{count - 1}")
+    return order
 
 
 def rank_statistics(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
@@ -161,13 +219,14 @@ def rank_statistics(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------- helpers
 
 
-def _metrics(image_emb, text_emb, text_image, ks, query_chunk, gallery_chunk) -> Metrics:
+def _metrics(image_emb, text_emb, text_image, ks, query_chunk, gallery_chunk, tie_orders=None) -> Metrics:
     _check_ks(ks)
     if query_chunk < 1 or gallery_chunk < 1:
         raise ValueError(f"chunk sizes must be positive, got query_chunk={query_chunk}, gallery_chunk={gallery_chunk}")
+    caption_order, image_order = tie_orders if tie_orders is not None else (None, None)
     out = {
-        "i2t": rank_statistics(i2t_ranks(image_emb, text_emb, text_image, query_chunk, gallery_chunk), ks),
-        "t2i": rank_statistics(t2i_ranks(image_emb, text_emb, text_image, query_chunk, gallery_chunk), ks),
+        "i2t": rank_statistics(i2t_ranks(image_emb, text_emb, text_image, query_chunk, gallery_chunk, caption_order), ks),
+        "t2i": rank_statistics(t2i_ranks(image_emb, text_emb, text_image, query_chunk, gallery_chunk, image_order), ks),
     }
     out["rsum"] = _rsum(out, ks)
     return out
@@ -185,11 +244,6 @@ def _rounded(metrics: Mapping) -> Metrics:
     }
 
 
-def _positive_scores(image_emb, text_emb, text_image) -> torch.Tensor:
-    """Score of every caption with its own image, (m,) float32."""
-    return (image_emb[text_image].float() * text_emb.float()).sum(1)
-
-
 def _check_ks(ks: Sequence[int]) -> None:
     if not ks or any(int(k) != k or k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ValueError(f"ks={list(ks)} must be distinct positive integers")
@@ -201,6 +255,10 @@ def check_pairing(image_emb, text_emb, text_image) -> torch.Tensor:
         raise ValueError(f"embeddings must be n x d and m x d, "
                          f"got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     n, m = image_emb.shape[0], text_emb.shape[0]
+    for name, emb in (("image", image_emb), ("caption", text_emb)):
+        if not bool(torch.isfinite(emb).all()):
+            bad = int(torch.nonzero(~torch.isfinite(emb).all(1))[0])
+            raise ValueError(f"{name} embedding row {bad} is not finite (NaN or inf): the model is broken")
     if n == 0 or m == 0:
         raise ValueError(f"need at least one image and one caption, got {n} images and {m} captions")
     text_image = torch.as_tensor(text_image).to(device=text_emb.device)

@@ -59,7 +59,7 @@ def rerank_t2i(siam: SIAM, maps: torch.Tensor, images: torch.Tensor, texts: torc
         candidate_maps = maps[rows.flatten()]                                     # Bq·k × C × h × w
         text = texts[q0: q0 + query_chunk].repeat_interleave(k, dim=0)            # Bq·k × d
         scores = siam.rerank_scores(map_regions(candidate_maps), candidate_maps, text).view(-1, k)
-        order = rows.gather(1, scores.argsort(dim=1, descending=True))
+        order = rows.gather(1, scores.argsort(dim=1, descending=True, stable=True))  # ties keep the DE order
         found = order == text_image[q0: q0 + query_chunk, None]
         hits[q0: q0 + rows.shape[0]] = torch.where(found.any(1), found.float().argmax(1), torch.full_like(rows[:, 0], k))
     return {f"r{kk}": round(100 * float((hits < kk).float().mean()), 2) for kk in ks}
