@@ -1,5 +1,6 @@
-"""task: matching through the real `dvc repro` on the shapes captions: a dual encoder pretrained with one loss,
-AOQ candidates mined in both directions, fine-tuned with the AOQ loss, scored i2t / t2i."""
+"""task: matching through the real `dvc repro` on the COCO-shaped shapes captions (5 per image, 1K-style folds on
+test): a dual encoder pretrained with one loss, AOQ candidates mined in both directions, fine-tuned with the AOQ
+loss, scored i2t (best of 5) / t2i over the whole split and averaged over the folds."""
 import json
 
 import pytest
@@ -9,6 +10,8 @@ from tiny_repo import make_tiny_repo, run
 
 MATCHING = {
     "task": "matching",
+    "dataset": {"name": "shapes_captions", "shapes_captions": {"image_size": 40, "train_images": 120, "val_images": 20,
+                                                               "test_images": 40, "novel_images": 20, "folds": 2}},
     "vocabulary": {"texts": "captions"},
     "model": {"name": "dual_encoder"},
     "loss": {"name": "vse"},
@@ -46,15 +49,18 @@ def test_matching_runs_every_stage_and_scores_both_directions(matching_repo):
             assert 0 <= scores[direction]["r1"] <= scores[direction]["r5"] <= scores[direction]["r10"] <= 100
         assert scores["rsum"] == pytest.approx(sum(scores[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)),
                                                abs=0.05)
-        assert metrics[split]["counts"]["images"] == metrics[split]["counts"]["captions"]  # shapes: one caption each
+        assert 5 * metrics[split]["counts"]["images"] == metrics[split]["counts"]["captions"]
         reranked = metrics[split]["siam_reranked"]["t2i"]
         assert set(reranked) == {"r1", "r5", "r10"} and reranked["r10"] <= 100
+    folds = metrics["test"]["folds_average"]  # the 1K-style protocol: 2 folds of 20 test images here
+    assert set(folds) == {"i2t", "t2i", "rsum"} and "folds_average" not in metrics["novel"]
+    assert metrics["test"]["counts"]["images"] == 40
     assert "SIAM 3 steps" in result.stdout and (repo / "data/train/siam.pt").is_file()
     vocab = json.loads((repo / "data/vocab/vocab.json").read_text())
     index = json.loads((repo / "data/shards/index.json").read_text())
     train_images, train_queries = (index["splits"]["train"][kind]["count"] for kind in ("gallery", "queries"))
-    assert train_images != train_queries
-    assert vocab["texts"] == train_images  # built from the image captions (one per shapes image), not the queries
+    assert (train_images, train_queries) == (120, 0)
+    assert vocab["texts"] == 5 * train_images  # built from every caption of every train image
 
 
 def test_a_composed_model_is_refused_for_matching(matching_repo):

@@ -22,6 +22,7 @@ from stages.common.params import ParamsError
 # Imported lazily so that an adapter's heavy or optional dependencies load only when it is chosen.
 ADAPTERS: dict[str, str] = {
     "shapes": "stages.datasets.shapes",
+    "shapes_captions": "stages.datasets.shapes_captions",
     "fashioniq": "stages.datasets.fashioniq",
     "shoes": "stages.datasets.shoes",
     "cirr": "stages.datasets.cirr",
