@@ -28,7 +28,7 @@ from typing_extensions import Annotated
 from stages.common.atomic import write_json
 from stages.common.errors import StageError, run_stage
 from stages.shards import store
-from stages.retrieval.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
+from stages.retrieval.embedding import embed_gallery, embed_matching_split, embed_queries, load_for_embedding
 from stages.retrieval.matching_metrics import coco_1k_folds, fold_rows, i2t_t2i
 from stages.common.params import load, read_task, require, section
 from stages.retrieval.rerank import SIAM_FILE, gallery_maps, load_siam, rerank_t2i
@@ -142,13 +142,9 @@ def headline(metrics: dict, cfg: EvaluateConfig) -> str:
 def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateConfig, device, siam=None) -> dict:
     """i2t (best of an image's captions) and t2i recall@K, medr, meanr, rsum over the whole split (COCO 5K,
     Flickr30k 1K); with the shards' folds.json also the COCO 1K five-fold average of the folds in this split."""
-    image_ids, _, images = embed_gallery(model, shard_dir, split, cfg.batch_size, device)
-    caption_ids, caption_images, texts = embed_captions(model, tokenizer, shard_dir, split, cfg.batch_size, device)
+    image_ids, images, caption_ids, texts, text_image = embed_matching_split(model, tokenizer, shard_dir, split,
+                                                                           cfg.batch_size, device)
     row = {image_id: i for i, image_id in enumerate(image_ids)}
-    missing = [image_id for image_id in caption_images if image_id not in row]
-    if missing:
-        raise StageError(f"{shard_dir} split '{split}': captions of image {missing[0]!r}, which is not in the gallery")
-    text_image = torch.tensor([row[image_id] for image_id in caption_images])
     result = {"all": i2t_t2i(images, texts, text_image, cfg.matching_ks, cfg.query_chunk, cfg.gallery_chunk),
               "counts": {"images": len(image_ids), "captions": len(caption_ids)}}
     folds = {name: ids for name, ids in (store.read_folds(shard_dir) or {}).items() if ids and ids[0] in row}

@@ -26,6 +26,7 @@ from stages.training.objectives import (
 from stages.common.params import ParamsError, load, read_task
 from stages.modeling.text import training_text
 from stages.training.loop import LoopConfig, compile_model, fingerprint, fit, output_dir, seed_everything
+from stages.training.selection import validator
 from stages.common.device import pick_device, place_model
 from stages.common.cli import stage_parser
 
@@ -72,11 +73,12 @@ def main(argv: list[str] | None = None) -> None:
         loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, device, ga)
         return loss, logs
 
+    validate = validator(cfg.selection, task, "pretrain", tokenizer, args.shards, device)
     key = fingerprint(task, model_cfg, cfg, loss_cfg, ga, store.index_digest(args.shards),
                       tokenizer.state_dict())
     with output_dir(args.out, key, world) as work:
         batches = query_batches(args.shards, task, batch_size, cfg, pin_memory=device.type == "cuda")
-        summary = fit(model, batches, step, cfg, work, "pretrain", isotropic_noise(ga, cfg.seed))
+        summary = fit(model, batches, step, cfg, work, "pretrain", isotropic_noise(ga, cfg.seed), validate)
         if world.main:
             if args.metrics:
                 write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})

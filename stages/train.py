@@ -43,6 +43,7 @@ from stages.training.objectives import (
 from stages.common.params import PARAMS_FILE, ParamsError, load, read_task, section
 from stages.modeling.text import tokenizer_from_state
 from stages.training.loop import LoopConfig, compile_model, file_digest, fingerprint, fit, output_dir, seed_everything
+from stages.training.selection import validator
 from stages.common.device import autocast, pick_device, place_model, to_device
 from stages.common.cli import stage_parser
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     if task == "matching":
         train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device, world)
         return distributed.stop()
+    validator(cfg.selection, task, "train", tokenizer, args.shards, device)  # composed: only "last" (raises)
     sampler = None
     if cfg.offline_negatives:
         images = {image_id: data for image_id, _, data in store.iter_gallery(args.shards, "train")}
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
 def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device,
                    world):
     negatives = AOQNegatives(mined, args.shards, cfg.aoq_candidate_range, cfg.seed) if cfg.offline_negatives else None
+    validate = validator(cfg.selection, "matching", "train", tokenizer, args.shards, device)
 
     def step(model, batch):
         if negatives is not None:
@@ -163,7 +166,7 @@ def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, los
         else:
             batches = matching_batches(args.shards, "train", distributed.local_batch(cfg.batch_size, "train"),
                                        cfg.shuffle_buffer, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
-            summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed))
+            summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed), validate)
             if not world.main:
                 return
             write_json(work / "summary.json", summary)
@@ -184,7 +187,8 @@ def train_siam(model, tokenizer, image_size: int, cfg: TrainConfig, loss_cfg, sh
     model.requires_grad_(False).eval()
     siam = build_siam(model, image_size, device)
     siam_cfg = dataclasses.replace(cfg, steps=cfg.siam_steps, lr=cfg.siam_lr, optimizer="adam", weight_decay=1e-4,
-                                   lr_decay_every=0, ema_decay=0.0, ema_as_released_every=0)
+                                   lr_decay_every=0, lr_schedule="step", selection="last", ema_decay=0.0,
+                                   ema_as_released_every=0)
     batches = matching_batches(shard_dir, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed + 1, cfg.workers)
     (work / "siam").mkdir(exist_ok=True)
     summary = fit(siam, batches, lambda s, b: siam_step(model, s, tokenizer, loss_cfg.nce_tau, b, device), siam_cfg,

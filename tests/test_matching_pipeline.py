@@ -16,7 +16,10 @@ MATCHING = {
     "model": {"name": "dual_encoder"},
     "loss": {"name": "vse"},
     "mine": {"aoq_i2t_k": 20, "aoq_t2i_k": 10},
-    "train": {"aoq_candidate_range": 5, "siam_steps": 3},
+    # pretrain keeps its best validated weights (AOQ's rule), train steps the towers as the DE release does
+    "pretrain": {"selection": "val_r1_r5", "select_every": 5, "clip_grad_norm": 2.0},
+    "train": {"aoq_candidate_range": 5, "siam_steps": 3, "optimizer": "adam_two_towers", "text_lr": 1e-4,
+              "lr_schedule": "cosine_per_pass", "clip_grad_norm": 30.0},
 }
 
 
@@ -56,6 +59,11 @@ def test_matching_runs_every_stage_and_scores_both_directions(matching_repo):
     assert set(folds) == {"i2t", "t2i", "rsum"} and "folds_average" not in metrics["novel"]
     assert metrics["test"]["counts"]["images"] == 40
     assert "SIAM 3 steps" in result.stdout and (repo / "data/train/siam.pt").is_file()
+    pretrain = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert pretrain["selected_step"] in (5, 10, 12) and 0 <= pretrain["selected_val_r1_r5"] <= 400
+    scores = (repo / "data/pretrain/live/plots/metrics/val_r1_r5.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in scores[1:]] == ["5", "10", "12"]
+    assert max(float(line.split("\t")[1]) for line in scores[1:]) == pretrain["selected_val_r1_r5"]
     vocab = json.loads((repo / "data/vocab/vocab.json").read_text())
     index = json.loads((repo / "data/shards/index.json").read_text())
     train_images, train_queries = (index["splits"]["train"][kind]["count"] for kind in ("gallery", "queries"))
@@ -75,3 +83,9 @@ def test_a_composed_model_is_refused_for_matching(matching_repo):
                              "--out", "data/pretrain"], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 2
     assert "model.name: 'tirg' is a composed retrieval model, task is 'matching'" in result.stderr
+    params["task"], params["loss"]["name"], params["pretrain"]["selection"] = "composed", "bbc", "val_rsum"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "stages.pretrain", "--shards", "data/shards", "--vocab", "data/vocab",
+                             "--out", "data/pretrain"], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "pretrain.selection: val_rsum scores image-text matching, task is 'composed'; use last" in result.stderr

@@ -1,4 +1,5 @@
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from stages.training.loop import LoopConfig, fit
 
 LOOP = dict(seed=0, steps=6, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, lr_decay_every=3,
             lr_decay=0.5, optimizer="sgd", ema_decay=0.0, ema_as_released_every=0, shuffle_buffer=0, pair_sampling="shuffled", workers=0, device="cpu", checkpoint_every=2, log_every=1,
-            compile=False, distributed={"nproc_per_node": 1, "backend": "auto"})
+            compile=False, distributed={"nproc_per_node": 1, "backend": "auto"}, text_lr=0.0, lr_schedule="step",
+            cosine_t_max=2, clip_grad_norm=0.0, selection="last", select_every=100)
 
 
 def batches(start: int = 0):
@@ -77,3 +79,114 @@ def test_compile_model_compiles_every_part_and_keeps_the_outputs_and_weights():
         after = model.compose(model.encode_reference(images), model.encode_text(tokens, lengths))
     assert list(model.state_dict()) == keys  # checkpoints stay loadable without torch.compile
     torch.testing.assert_close(after, before)
+
+
+class TwoTowers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image, self.text = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+    def tower_parameters(self):
+        return list(self.image.parameters()), list(self.text.parameters())
+
+
+def towers_step(model, batch):
+    image, text = model.image(batch["x"]), model.text(batch["x"].flip(1))
+    return ((image - text) ** 2).sum() + ((image.sum(1, keepdim=True) - batch["y"]) ** 2).mean(), {}
+
+
+TWO_TOWERS = {**LOOP, "optimizer": "adam_two_towers", "lr": 1e-2, "text_lr": 1e-3, "weight_decay": 1e-4,
+              "lr_schedule": "cosine_per_pass", "cosine_t_max": 2, "clip_grad_norm": 0.5}
+
+
+def test_two_towers_step_as_the_lightning_1_5_loop_of_the_release(tmp_path):
+    """The release (guided-image-retrieval run.py + src/model.py, PyTorch Lightning 1.5): two Adam optimisers,
+    training_step called once per optimiser on the same batch, both cosine schedulers stepped inside it, the
+    optimiser's own parameters clipped to 30 (0.5 here) and stepped. Written out here by hand."""
+    cfg = parse(LoopConfig, "pretrain", TWO_TOWERS)
+    fitted = TwoTowers()
+    fit(fitted, batches(), towers_step, cfg, tmp_path, "test")
+
+    reference = TwoTowers()
+    image, text = reference.tower_parameters()
+    optimisers = [torch.optim.Adam(image, lr=1e-2, weight_decay=1e-4), torch.optim.Adam(text, lr=1e-3, weight_decay=1e-4)]
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=2) for o in optimisers]
+    lrs = []
+    for batch in itertools.islice(batches(), 6):
+        for optimiser, params in zip(optimisers, (image, text)):
+            loss, _ = towers_step(reference, batch)
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": the release's order
+                warnings.simplefilter("ignore", UserWarning)
+                for s in schedulers:
+                    s.step()
+            for p in image + text:
+                p.grad = None
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            optimiser.step()
+            lrs.append(optimiser.param_groups[0]["lr"])
+    # T_max = 2 stepped twice a batch: the image tower always at lr / 2, the text tower at 0 and text_lr in turn
+    assert lrs[0::2] == pytest.approx([5e-3] * 6) and lrs[1::2] == pytest.approx([0.0, 1e-3] * 3, abs=1e-12)
+    for a, b in zip(fitted.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_two_towers_resume_and_refuse_a_model_without_towers(tmp_path):
+    cfg = parse(LoopConfig, "pretrain", TWO_TOWERS)
+    unbroken = TwoTowers()
+    fit(unbroken, batches(), towers_step, cfg, tmp_path / "a", "test")
+
+    def crash_at_step_5(model, batch, calls=itertools.count()):
+        if next(calls) == 2 * 5:  # two passes a step
+            raise RuntimeError("power cut")
+        return towers_step(model, batch)
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(TwoTowers(), batches(), crash_at_step_5, cfg, tmp_path / "b", "test")
+    resumed = TwoTowers()
+    fit(resumed, batches(start=4), towers_step, cfg, tmp_path / "b", "test")
+    for a, b in zip(unbroken.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b)
+    from stages.common.params import ParamsError
+    with pytest.raises(ParamsError, match="pretrain.optimizer: adam_two_towers needs a model with an image and a text tower"):
+        fit(fresh_model(), batches(), regression_step, cfg, tmp_path / "c", "pretrain")
+
+
+def test_gradient_clipping_bounds_the_step():
+    cfg = parse(LoopConfig, "pretrain", {**LOOP, "lr": 1.0, "momentum": 0.0, "steps": 1, "clip_grad_norm": 0.01})
+    model = fresh_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    import tempfile
+    with tempfile.TemporaryDirectory() as work:
+        fit(model, batches(), regression_step, cfg, __import__("pathlib").Path(work), "test")
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert float(moved) == pytest.approx(0.01, rel=1e-5)  # SGD lr 1: the step is the clipped gradient
+
+
+def test_selection_keeps_the_best_validated_weights_across_a_resume(tmp_path):
+    cfg = parse(LoopConfig, "pretrain", {**LOOP, "selection": "val_rsum", "select_every": 2})
+    scores = iter([1.0, 5.0, 3.0])  # validated after steps 2, 4 and 6
+    selected = fresh_model()
+    summary = fit(selected, batches(), regression_step, cfg, tmp_path / "a", "test", validate=lambda m: next(scores))
+    assert summary["selected_step"] == 4 and summary["selected_val_rsum"] == 5.0
+    at_step_4 = fresh_model()
+    fit(at_step_4, batches(), regression_step, parse(LoopConfig, "pretrain", {**LOOP, "steps": 4}), tmp_path / "b", "test")
+    for a, b in zip(selected.parameters(), at_step_4.parameters()):
+        assert torch.allclose(a, b)
+
+    def crash_at_step_5(model, batch, calls=itertools.count()):
+        if next(calls) == 5:
+            raise RuntimeError("power cut")
+        return regression_step(model, batch)
+
+    scores = iter([1.0, 5.0, 3.0])
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(fresh_model(), batches(), crash_at_step_5, cfg, tmp_path / "c", "test", validate=lambda m: next(scores))
+    resumed = fresh_model()  # the checkpoint at step 4 carries the best weights so far (step 4, score 5)
+    summary = fit(resumed, batches(start=4), regression_step, cfg, tmp_path / "c", "test", validate=lambda m: 4.0)
+    assert summary["selected_step"] == 4
+    for a, b in zip(resumed.parameters(), at_step_4.parameters()):
+        assert torch.allclose(a, b)
+    with pytest.raises(ValueError, match="needs a validate function"):
+        fit(fresh_model(), batches(), regression_step, cfg, tmp_path / "d", "test")

@@ -48,6 +48,14 @@ class DualEncoder(nn.Module):
                 lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(tokens, lengths)
 
+    def tower_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(image side, text side): the release's VisionModel (backbone + dense) and LanguageModel (BERT + dense),
+        each with its own optimiser; logit_scale (not in the release) goes with the image side."""
+        text = list(self.text_tower.parameters()) + list(self.text_projection.parameters())
+        text_ids = {id(p) for p in text}
+        image = [p for p in self.parameters() if id(p) not in text_ids]
+        return image, text
+
     def image_map(self, images: torch.Tensor) -> torch.Tensor:
         """X = map_tower(I) ∈ R^{B×C×h×w} (SIAM's guide feature map)."""
         if self.map_tower is None:

@@ -1,4 +1,4 @@
-"""Embed gallery images and queries of a split with a trained model (used by `mine` and `evaluate`)."""
+"""Embed gallery images and queries (or captions) of a split with a trained model (`mine`, `evaluate`, selection)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from torch import nn
 
+from stages.common.errors import StageError
 from stages.shards import store
 from stages.shards.loaders import batched, decode_image
 from stages.modeling.factory import as_vector, load_model, zeros_like
@@ -76,3 +77,16 @@ def embed_captions(model: nn.Module, tokenizer, shard_dir: Path, split: str, bat
         image_ids += [image_id for _, image_id, _ in chunk]
     return caption_ids, image_ids, F.normalize(torch.cat(features), dim=1)
 
+
+
+def embed_matching_split(model: nn.Module, tokenizer, shard_dir: Path, split: str, batch_size: int,
+                         device: torch.device):
+    """(image ids, image features N x d, caption ids, caption features M x d, the image row of every caption (M,))
+    of one split, as i2t / t2i recall takes them."""
+    image_ids, _, images = embed_gallery(model, shard_dir, split, batch_size, device)
+    caption_ids, caption_images, texts = embed_captions(model, tokenizer, shard_dir, split, batch_size, device)
+    row = {image_id: i for i, image_id in enumerate(image_ids)}
+    missing = [image_id for image_id in caption_images if image_id not in row]
+    if missing:
+        raise StageError(f"{shard_dir} split '{split}': captions of image {missing[0]!r}, which is not in the gallery")
+    return image_ids, images, caption_ids, texts, torch.tensor([row[image_id] for image_id in caption_images])

@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +30,7 @@ from stages.common import distributed
 from stages.common.atomic import atomic_path, partial_dir, staged_dir
 from stages.common.distributed import DistributedConfig
 from stages.common.device import DeviceName
-from stages.common.params import require, section
+from stages.common.params import ParamsError, require, section
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -44,7 +45,20 @@ class LoopConfig:
     weight_decay: Annotated[float, Field(ge=0)]
     lr_decay_every: Annotated[int, Field(ge=0)]
     lr_decay: Annotated[float, Field(gt=0, le=1)]
-    optimizer: Literal["sgd", "adam"]  # adam: VAL and AMC (momentum unused)
+    # adam: VAL, AMC, VSE++, AOQ (momentum unused) | adam_two_towers: guided image retrieval's DE, one Adam per tower
+    # (image tower at lr, text tower at text_lr), each stepped in its own pass over the batch (the release's
+    # PyTorch Lightning 1.5 loop with two optimisers: pass 1 steps the image tower, pass 2 the text tower)
+    optimizer: Literal["sgd", "adam", "adam_two_towers"]
+    text_lr: Annotated[float, Field(ge=0)]  # adam_two_towers: the text tower's learning rate
+    # step: x lr_decay every lr_decay_every steps | cosine_per_pass: CosineAnnealingLR(T_max=cosine_t_max) of every
+    # optimiser stepped on every pass, before its backward (the DE release calls scheduler.step() in training_step)
+    lr_schedule: Literal["step", "cosine_per_pass"]
+    cosine_t_max: Annotated[int, Field(gt=0)]
+    clip_grad_norm: Annotated[float, Field(ge=0)]  # clip the stepped parameters' gradient norm to this; 0 = off
+    # last: the last weights are the model | val_rsum / val_r1_r5 (task matching): the weights with the best
+    # validation R@1+5+10 / R@1+5 (AOQ's) summed over both directions, checked every select_every steps and at the end
+    selection: Literal["last", "val_rsum", "val_r1_r5"]
+    select_every: PositiveInt
     ema_decay: Annotated[float, Field(ge=0, lt=1)]  # EMA of the weights, saved as the model; 0 = off
     ema_as_released_every: Annotated[int, Field(ge=0)]  # AMC quirk: every N steps train on from the EMA weights
     shuffle_buffer: Annotated[int, Field(ge=0)]
@@ -61,6 +75,8 @@ class LoopConfig:
     def __post_init__(self):
         require(self.ema_as_released_every == 0 or self.ema_decay > 0, "ema_as_released_every",
                 "needs ema_decay > 0")
+        require(self.selection == "last" or self.ema_decay == 0, "selection",
+                f"{self.selection} picks among the trained weights; it cannot be combined with ema_decay > 0")
 
 
 def compile_model(model: torch.nn.Module, **options) -> torch.nn.Module:
@@ -93,14 +109,33 @@ def file_digest(path: Path) -> str:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig):
+    """(optimiser, scheduler) of a one-optimiser config (sgd | adam); see make_optimizers."""
+    pairs = make_optimizers(model, cfg)
+    if len(pairs) != 1:
+        raise ValueError(f"optimizer {cfg.optimizer!r} has {len(pairs)} optimisers; use make_optimizers")
+    return pairs[0]
+
+
+def make_optimizers(model: torch.nn.Module, cfg: LoopConfig,
+                    section: str = "pretrain") -> list[tuple[torch.optim.Optimizer, object]]:
+    """[(optimiser, scheduler)], one pair per pass over each batch: one for sgd / adam, two for adam_two_towers."""
     params = [p for p in model.parameters() if p.requires_grad]  # frozen encoders (MiniLM) stay out
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-8, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam_two_towers":
+        if not hasattr(model, "tower_parameters"):
+            raise ParamsError(f"{section}.optimizer: adam_two_towers needs a model with an image and a text tower "
+                              f"(dual_encoder), not {type(model).__name__}")
+        image, text = model.tower_parameters()
+        groups = [(image, cfg.lr), (text, cfg.text_lr)]
+        optimizers = [torch.optim.Adam([p for p in group if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay)
+                      for group, lr in groups]
+    elif cfg.optimizer == "adam":
+        optimizers = [torch.optim.Adam(params, lr=cfg.lr, eps=1e-8, weight_decay=cfg.weight_decay)]
     else:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizers = [torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)]
+    if cfg.lr_schedule == "cosine_per_pass":
+        return [(o, torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.cosine_t_max)) for o in optimizers]
     step_size = cfg.lr_decay_every or cfg.steps + 1  # 0 = constant learning rate
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=cfg.lr_decay)
-    return optimizer, scheduler
+    return [(o, torch.optim.lr_scheduler.StepLR(o, step_size=step_size, gamma=cfg.lr_decay)) for o in optimizers]
 
 
 def output_dir(out: Path, key: str, world: distributed.World):
@@ -149,6 +184,7 @@ def fit(
     work_dir: Path,
     name: str,
     after_backward: Callable[[torch.nn.Module], None] | None = None,
+    validate: Callable[[torch.nn.Module], float] | None = None,
 ) -> dict[str, float]:
     """Run cfg.steps optimiser steps; resume from `work_dir/resume.pt` when a crashed run left one.
 
@@ -156,8 +192,14 @@ def fit(
     where the crashed run stopped). Logs loss and learning rate with dvclive under `work_dir/live`; returns a
     one-line summary.
     `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
+    `validate(model)` (needed unless cfg.selection is "last") scores the weights, higher is better; the best
+    weights are the model at the end.
     """
-    optimizer, scheduler = make_optimizer(model, cfg)
+    if (cfg.selection != "last") != (validate is not None):
+        raise ValueError(f"selection {cfg.selection!r} needs a validate function (and 'last' none)")
+    optimizers = make_optimizers(model, cfg, name)
+    optimizer = optimizers[0][0]
+    selected = {"score": float("-inf"), "step": 0, "weights": None}
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     main = distributed.rank() == 0
     resume_file = work_dir / "resume.pt"
@@ -167,8 +209,10 @@ def fit(
     state = distributed.broadcast(state)
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for (o, sched), o_state, s_state in zip(optimizers, state["optimizers"], state["schedulers"]):
+            o.load_state_dict(o_state)
+            sched.load_state_dict(s_state)
+        selected = state["selected"]
         if ema is not None:
             ema.shadow = {k: v.to(next(model.parameters()).device) for k, v in state["ema"].items()}
         torch.set_rng_state(state["rng"])
@@ -187,13 +231,26 @@ def fit(
     began, loss_sum, loss_count = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0
     progress = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps, mininterval=2, disable=not main)
     for step in progress:
-        loss, logs = step_once(next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(model)
-        optimizer.step()
-        scheduler.step()
+        batch = next(batches)
+        for i, (stepped, _) in enumerate(optimizers):  # one pass per optimiser, on the same batch
+            pass_loss, pass_logs = step_once(batch)
+            if cfg.lr_schedule == "cosine_per_pass":
+                with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": the release's order
+                    warnings.simplefilter("ignore", UserWarning)
+                    for _, sched in optimizers:
+                        sched.step()
+            model.zero_grad(set_to_none=True)
+            pass_loss.backward()
+            if after_backward is not None:
+                after_backward(model)
+            if cfg.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for g in stepped.param_groups for p in g["params"]], cfg.clip_grad_norm)
+            stepped.step()
+            if i == 0:
+                loss, logs = pass_loss, pass_logs  # logged: the loss before this step's updates
+        if cfg.lr_schedule == "step":
+            for _, sched in optimizers:
+                sched.step()
         if ema is not None:
             ema.update()
             if cfg.ema_as_released_every and (step + 1) % cfg.ema_as_released_every == 0:
@@ -202,6 +259,16 @@ def fit(
         loss_sum, loss_count = loss_sum + loss.detach().double(), loss_count + 1
         log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
         checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+        if validate is not None and ((step + 1) % cfg.select_every == 0 or step + 1 == cfg.steps):
+            model.eval()
+            score = distributed.broadcast(validate(model) if main else None)
+            model.train()
+            if score > selected["score"]:
+                selected = {"score": score, "step": step + 1,
+                            "weights": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+            if main:
+                live.step = step + 1
+                live.log_metric(cfg.selection, score)
         if not (log_now or checkpoint_now):
             continue
         if not torch.isfinite(loss_sum):  # before a checkpoint or the saved model can hold it
@@ -220,16 +287,22 @@ def fit(
             loss_sum, loss_count = torch.zeros_like(loss_sum), 0
         if main and checkpoint_now:
             with atomic_path(resume_file) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
+                torch.save({"model": model.state_dict(), "optimizers": [o.state_dict() for o, _ in optimizers],
+                            "schedulers": [sched.state_dict() for _, sched in optimizers],
+                            "rng": torch.get_rng_state(), "step": step + 1, "selected": selected,
                             "ema": ema.shadow if ema is not None else None}, tmp)
     if main:
         live.end()
     if ema is not None:  # the averaged weights are the model that is saved and evaluated
         ema.apply_shadow()
         ema.backup = {}
+    if selected["weights"] is not None:
+        model.load_state_dict(selected["weights"])
     if main and resume_file.exists():
         resume_file.unlink()
     seconds = time.time() - began
-    return {"steps": cfg.steps - start, "seconds": round(seconds, 1),
-            "steps_per_s": round((cfg.steps - start) / max(seconds, 1e-9), 2)}
+    summary = {"steps": cfg.steps - start, "seconds": round(seconds, 1),
+               "steps_per_s": round((cfg.steps - start) / max(seconds, 1e-9), 2)}
+    if validate is not None:
+        summary.update(selected_step=selected["step"], **{f"selected_{cfg.selection}": round(selected["score"], 2)})
+    return summary
