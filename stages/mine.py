@@ -6,6 +6,8 @@ caption (a correct answer under the caption protocol) -> <out>/negatives.parquet
 task matching (AOQ): embeds every train image and caption, then keeps for each image its `mine.aoq_i2t_k` most
 similar captions that are not its own and for each caption its `mine.aoq_t2i_k` most similar images other than
 its own -> <out>/candidates.npz.
+With `train.offline_negatives: false` nothing reads them: the stage mines nothing and writes <out>/skipped.json
+saying so (DVC re-runs it when the flag changes, so `train` never meets a stale or missing file).
 
 python -m stages.mine --model data/pretrain/model.pt --shards data/shards --out data/mined
 """
@@ -20,16 +22,17 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from stages.shards import store
-from stages.common.atomic import atomic_path, staged_dir
+from stages.common.atomic import atomic_path, staged_dir, write_json
 from stages.common.errors import StageError, run_stage
 from stages.retrieval.embedding import embed_captions, embed_gallery, embed_queries, load_for_embedding
 from stages.retrieval.negatives import NEGATIVES_FILE, hard_negatives, never_negatives, to_table
 from stages.retrieval.offline_candidates import CANDIDATES_FILE, mine_candidates, write_candidates
-from stages.common.params import load, read_task, section
+from stages.common.params import load, read_task, read_yaml, section
 from stages.common.device import DeviceName, pick_device
 from stages.common.cli import stage_parser
 
 PositiveInt = Annotated[int, Field(gt=0)]
+SKIPPED_FILE = "skipped.json"
 
 
 @section
@@ -50,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     args = parser.parse_args(argv)
     cfg = load(MineConfig, "mine", args.params)
+    if not read_yaml(args.params).get("train", {}).get("offline_negatives", True):
+        with staged_dir(args.out) as work:
+            write_json(work / SKIPPED_FILE, {"mined": False, "reason": "train.offline_negatives is false"})
+        print(f"mine: nothing to mine (train.offline_negatives is false) -> {args.out / SKIPPED_FILE}")
+        return
 
     began = time.time()
     device = pick_device(cfg.device)

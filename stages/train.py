@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             logs["negatives_hinge"] = hinge.item()
         return loss, logs
 
-    key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined), store.index_digest(args.shards))
+    mined_digest = file_digest(mined) if cfg.offline_negatives else None  # without: `mine` wrote nothing to read
+    key = fingerprint(cfg, loss_cfg, ga, file_digest(args.init), mined_digest, store.index_digest(args.shards))
     with output_dir(args.out, key, world) as work:
         batches = query_batches(args.shards, task, distributed.local_batch(cfg.batch_size, "train"), cfg,
                                 pin_memory=device.type == "cuda")
@@ -157,7 +158,8 @@ def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, los
             return aoq_batch_loss(model, negatives, loss_cfg, tokenizer, batch, device)
         return matching_loss(model, loss_cfg, tokenizer, batch, device)
 
-    key = fingerprint("matching", cfg, loss_cfg, ga, file_digest(args.init), file_digest(mined),
+    key = fingerprint("matching", cfg, loss_cfg, ga, file_digest(args.init),
+                      file_digest(mined) if cfg.offline_negatives else None,
                       store.index_digest(args.shards))
     with output_dir(args.out, key, world) as work:
         if (work / "model.pt").is_file():  # a crash during SIAM training: the dual encoder is done

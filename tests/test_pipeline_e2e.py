@@ -52,6 +52,21 @@ def test_changing_train_params_reruns_only_train_and_evaluate(tiny_repo):
     assert stages_run(run(["dvc", "repro"], tiny_repo).stdout) == ["train", "evaluate"]
 
 
+def test_without_offline_negatives_mine_mines_nothing_and_train_reads_nothing(tiny_repo):
+    tiny_repo, _ = tiny_repo
+    set_param(tiny_repo, "train", "offline_negatives", False)
+    try:
+        result = run(["dvc", "repro"], tiny_repo)
+        assert stages_run(result.stdout) == ["mine", "train", "evaluate"], result.stdout
+        assert sorted(p.name for p in (tiny_repo / "data/mined").iterdir()) == ["skipped.json"]
+        assert "mine: nothing to mine (train.offline_negatives is false)" in result.stdout
+        assert "no mined negatives" in result.stdout
+    finally:
+        set_param(tiny_repo, "train", "offline_negatives", True)
+    run(["dvc", "repro"], tiny_repo)  # switched back on: mined again (or restored from DVC's run cache)
+    assert sorted(p.name for p in (tiny_repo / "data/mined").iterdir()) == ["negatives.parquet"]
+
+
 def test_changing_resize_size_reruns_from_resize_on(tiny_repo):
     tiny_repo, _ = tiny_repo
     set_param(tiny_repo, "resize", "size", 24)
