@@ -16,6 +16,7 @@ from stages.training.objectives import GAConfig, LossConfig, check_ga_task
 from tiny_repo import REPO, make_tiny_repo, run
 
 EXPECTED = {"tirg", "tirg_lastconv", "tirg_lastconv_ga", "composeae", "composeae_ga", "val", "amc"}
+MATCHING = {"de_nce", "de_nce_siam", "vse", "vse_aoq_offtri", "vse_aoq_offquin", "vse_aoq_adapoffquin"}
 
 
 def with_recipe(name: str) -> dict:
@@ -31,7 +32,28 @@ def with_recipe(name: str) -> dict:
 
 
 def test_every_method_has_its_recipe():
-    assert set(recipes.names()) == EXPECTED
+    assert set(recipes.names()) == EXPECTED | MATCHING
+
+
+@pytest.mark.parametrize("name", sorted(MATCHING))
+def test_each_matching_recipe_is_valid_and_spends_the_same_budget(name):
+    params = with_recipe(name)
+    model = parse(ModelConfig, "model", params["model"])
+    loss = parse(LossConfig, "loss", params["loss"])
+    pretrain = parse(LoopConfig, "pretrain", params["pretrain"])
+    train = parse(TrainConfig, "train", params["train"])
+    model.check_task(params["task"])
+    loss.check_model(model.name, pretrain.batch_size, "pretrain")
+    assert params["task"] == "matching" and params["dataset"]["name"] == "shapes_captions"
+    assert train.offline_negatives == name.startswith("vse_aoq")
+    assert (train.siam_steps > 0) == name.endswith("siam")
+    budget = {n: (with_recipe(n)["pretrain"]["steps"], with_recipe(n)["train"]["steps"],
+                  with_recipe(n)["pretrain"]["batch_size"]) for n in MATCHING}
+    assert len(set(budget.values())) == 1, budget  # every arm: the same steps of the same batch
+    if name.startswith("de_nce"):
+        assert (pretrain.optimizer, pretrain.lr_schedule, pretrain.clip_grad_norm) == ("adam_two_towers", "cosine_per_pass", 30.0)
+    else:
+        assert (pretrain.clip_grad_norm, train.clip_grad_norm, pretrain.selection) == (2.0, 2.0, "val_r1_r5")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
