@@ -85,6 +85,7 @@ def composed_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+SERVED_T2I = "served.test.t2i.r1"
 # the metrics of the seeds tables: (column title, key in a row; {protocol} is the first evaluate protocol)
 COMPOSED_METRICS = [("test R@1", "evaluate.composed.test.{protocol}.r1"),
                     ("test R@10", "evaluate.composed.test.{protocol}.r10"),
@@ -93,8 +94,16 @@ COMPOSED_METRICS = [("test R@1", "evaluate.composed.test.{protocol}.r1"),
                     ("novel R@10", "evaluate.composed.novel.{protocol}.r10"),
                     ("novel R@50", "evaluate.composed.novel.{protocol}.r50")]
 MATCHING_METRICS = [("test i2t R@1", "evaluate.test.all.i2t.r1"), ("test t2i R@1", "evaluate.test.all.t2i.r1"),
-                    ("test rsum", "evaluate.test.all.rsum"), ("novel rsum", "evaluate.novel.all.rsum"),
-                    ("test t2i R@1 after SIAM", "evaluate.test.siam_reranked.t2i.r1")]
+                    ("test rsum", "evaluate.test.all.rsum"), ("test 1K rsum", "evaluate.test.folds_average.rsum"),
+                    ("novel rsum", "evaluate.novel.all.rsum"),
+                    ("test t2i R@1 after SIAM", "evaluate.test.siam_reranked.t2i.r1"),
+                    ("test t2i R@1 as ranked", SERVED_T2I)]
+# what a user of the arm gets: SIAM's re-ranked t2i where the arm has SIAM, else the dual encoder's (SIAM − DE)
+
+
+def with_served(row: dict[str, object]) -> dict[str, object]:
+    reranked = row.get("evaluate.test.siam_reranked.t2i.r1")
+    return {**row, SERVED_T2I: reranked if reranked is not None else row.get("evaluate.test.all.t2i.r1")}
 
 
 def metric_keys(rows: list[dict[str, object]]) -> list[tuple[str, str]]:
@@ -113,7 +122,7 @@ def by_arm(sweep_rows: list[dict[str, str]], found: dict[str, dict], arm_axis: s
         for axis in (arm_axis, seed_axis):
             if axis not in row:
                 raise SystemExit(f"the sweep CSV has no {axis!r} column (a grid axis of that name)")
-        arms.setdefault(row[arm_axis], {})[row[seed_axis]] = found[row["experiment"]]
+        arms.setdefault(row[arm_axis], {})[row[seed_axis]] = with_served(found[row["experiment"]])
     return arms
 
 
@@ -251,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--compare takes A:B")
         if pairs:
             diffs = differences(arms, keys, pairs)
-            headline = tuple(title for title, _ in keys if title in ("test R@1", "novel R@1", "test rsum"))
+            headline = tuple(title for title, _ in keys
+                             if title in ("test R@1", "novel R@1", "test rsum", "test t2i R@1 as ranked"))
             markdown += "\n\n" + differences_table(diffs, keys) + "\n\n" + verdicts(diffs, headline)
         if args.png:
             draw(arms, keys, args.png)
