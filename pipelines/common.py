@@ -98,6 +98,21 @@ def shown_experiments(root: Path, names: set[str]) -> dict[str, dict]:
             if rev.get("name") in names and rev.get("data")}
 
 
+def experiment_rows(root: Path, names: set[str]) -> dict[str, dict[str, object]]:
+    """{experiment name: its flattened params (`params.<key>`) and metrics (`<metrics file stem>.<key>`)} from
+    `dvc exp show --json`: the columns the sweep CSV stores and pipelines.report reads."""
+    from pipelines.repro import flatten
+
+    found = {}
+    for name, data in shown_experiments(root, names).items():
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+        row = {f"params.{k}": v for k, v in flatten(params).items()}
+        for path, content in (data.get("metrics") or {}).items():
+            row.update({f"{Path(path).stem}.{k}": v for k, v in flatten(content.get("data") or {}).items()})
+        found[name] = row
+    return found
+
+
 def param_value(value) -> str:
     """A params value as the text `dvc exp run -S key=<text>` takes (YAML flow style)."""
     import yaml

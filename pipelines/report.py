@@ -1,6 +1,6 @@
 """The results table of a sweep, read from `dvc exp show`, as Markdown (optionally written into README.md).
 
-    python -m pipelines.report --csv sweeps/shapes_models.csv [--readme README.md] [--marker NAME] [--root .]
+    python -m pipelines.report --csv sweeps/shapes_models.csv [--readme README.md] [--marker NAME]
     python -m pipelines.report --csv sweeps/shapes_recipes.csv --compare tirg_lastconv_ga:tirg_lastconv \
         --png docs/figures/shapes_recipes.png --readme README.md --marker recipes
 
@@ -9,10 +9,10 @@ metric's mean over the seeds with its 95% confidence interval, then for every `-
 difference A − B over the seeds both ran, its interval, and one sentence saying whether the interval excludes
 zero; `--png` draws the arms' means and intervals as bars (pipelines/stats.py has the arithmetic).
 
-The CSV (written by the `sweep` flow) only names the experiments and their labels; every number comes from
-`dvc exp show --json`: params.yaml values, metrics/evaluate.json (recall of the composed query under the
-first protocol; for task matching i2t / t2i recall and rsum) and metrics/{pretrain,train}.json (training
-seconds). In README.md the table replaces the text between `<!-- sweep-table:begin -->` and
+Every number comes from the CSV, which the `sweep` flow wrote from `dvc exp show --json` (params.yaml values as
+`params.<key>`, metrics/evaluate.json as `evaluate.<key>`: recall of the composed query under the first protocol,
+for task matching i2t / t2i recall and rsum; metrics/{pretrain,train}.json for training seconds): a committed CSV
+regenerates its tables on any machine. In README.md the table replaces the text between `<!-- sweep-table:begin -->` and
 `<!-- sweep-table:end -->` (with --marker NAME: `<!-- sweep-table:NAME:begin -->` ... `:end -->`).
 """
 from __future__ import annotations
@@ -21,23 +21,30 @@ import argparse
 import csv
 from pathlib import Path
 
-from pipelines.common import shown_experiments
-from pipelines.repro import flatten
+import yaml
+
 from pipelines.stats import Interval, interval, paired_difference
 
 BEGIN, END = "<!-- sweep-table:begin -->", "<!-- sweep-table:end -->"
 
 
-def experiments(root: Path, names: set[str]) -> dict[str, dict[str, object]]:
-    """{experiment name: flattened params (params.yaml) and metrics (by file stem)} from `dvc exp show --json`."""
-    found = {}
-    for name, data in shown_experiments(root, names).items():
-        params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
-        row = {f"params.{k}": v for k, v in flatten(params).items()}
-        for path, content in (data.get("metrics") or {}).items():
-            row.update({f"{Path(path).stem}.{k}": v for k, v in flatten(content.get("data") or {}).items()})
-        found[name] = row
-    return found
+def read_rows(csv_path: Path) -> list[dict[str, object]]:
+    """The done experiments of a sweep CSV, each cell read back as YAML (numbers, booleans, lists) where it parses."""
+    def value(cell: str):
+        if cell == "":
+            return None
+        try:
+            return yaml.safe_load(cell)
+        except yaml.YAMLError:
+            return cell
+
+    with open(csv_path, newline="") as f:
+        rows = [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f) if row["status"] == "done"]
+    for row in rows:
+        if not any(str(key).startswith("evaluate.") for key in row):
+            raise SystemExit(f"{csv_path}: experiment {row['experiment']} has no evaluate.* columns: not a CSV of "
+                             f"`pipelines.sweep` (which stores every metric as `dvc exp show` has it)")
+    return rows
 
 
 def table(rows: list[dict[str, object]]) -> str:
@@ -130,7 +137,7 @@ def seeds_table(arms: dict[str, dict[str, dict[str, object]]], keys: list[tuple[
     header = "| arm | seeds | " + " | ".join(title for title, _ in keys) + " | train s |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for arm, seeds in arms.items():
-        cells = [arm, str(len(seeds))]
+        cells = [str(arm), str(len(seeds))]
         for _, key in keys:
             values = [float(row[key]) for row in seeds.values() if row.get(key) is not None]
             cells.append(interval(values).text() if values else "n/a")
@@ -238,19 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path, required=True, help="the sweep's CSV (experiment names)")
     parser.add_argument("--readme", type=Path, help="write the table into this file between the markers")
     parser.add_argument("--marker", help="the README markers' name (default: the unnamed pair)")
-    parser.add_argument("--root", type=Path, default=Path("."), help="the DVC repository (default: here)")
     parser.add_argument("--arm-axis", default="arm", help="the grid axis naming the arms (default: arm)")
     parser.add_argument("--seed-axis", default="seed", help="the grid axis naming the seeds (default: seed)")
     parser.add_argument("--compare", action="append", default=[], metavar="A:B",
                         help="report the paired difference arm A − arm B (repeatable; seeds mode)")
     parser.add_argument("--png", type=Path, help="seeds mode: draw the arms' means and intervals here")
     args = parser.parse_args(argv)
-    with open(args.csv, newline="") as f:
-        sweep_rows = [row for row in csv.DictReader(f) if row["status"] == "done"]
-    found = experiments(args.root, {row["experiment"] for row in sweep_rows})
-    missing = [row["experiment"] for row in sweep_rows if row["experiment"] not in found]
-    if missing:
-        raise SystemExit(f"{args.csv}: experiments not in `dvc exp show`: {missing}")
+    sweep_rows = read_rows(args.csv)
+    found = {row["experiment"]: row for row in sweep_rows}
     if sweep_rows and args.seed_axis in sweep_rows[0]:
         arms = by_arm(sweep_rows, found, args.arm_axis, args.seed_axis)
         keys = metric_keys([row for seeds in arms.values() for row in seeds.values()])

@@ -11,8 +11,10 @@ Each combination is one Prefect task running `dvc exp run --temp -n <name> -S ..
 `orchestration.parallel` at a time. (`--temp` runs each experiment in its own temporary copy of the
 workspace and needs no queue worker in the background; DVC's `--queue` + celery workers add a
 second scheduler with its own state to watch, which Prefect already is.) A failing experiment is
-listed as failed with DVC's error; the others still complete. The table (params of the grid and all
-metrics) is written as CSV and as a Prefect table artifact; `dvc exp show` lists the same experiments.
+listed as failed with DVC's error; the others still complete. The table is written as CSV and as a Prefect table
+artifact: per experiment the grid's labels, then every param (`params.<key>`) and metric (`<metrics file stem>.<key>`,
+e.g. `evaluate.composed.test.target.r1`) as `dvc exp show` has them, so that pipelines.report can table a committed
+CSV on a machine that never ran the experiments.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import yaml
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
-from pipelines.common import dvc, load_orchestration, param_value, shown_experiments, tail
+from pipelines.common import dvc, experiment_rows, load_orchestration, param_value, tail
 from pipelines.repro import flatten
 
 
@@ -103,16 +105,6 @@ def run_experiment(root: str, name: str, assignment: dict[str, str], labels: dic
     return {"experiment": name, "status": "done", "seconds": seconds, **(labels or {}), **assignment, "error": ""}
 
 
-def experiment_metrics(root: Path, names: set[str]) -> dict[str, dict[str, object]]:
-    """{experiment name: flattened metrics of all its metrics files} from `dvc exp show --json`."""
-    found = {}
-    for name, data in shown_experiments(root, names).items():
-        found[name] = {}
-        for content in (data.get("metrics") or {}).values():
-            found[name].update(flatten(content.get("data") or {}))
-    return found
-
-
 @flow(name="cirflow-sweep", log_prints=True)
 def sweep(grid: Grid, root: str = ".", out: str | None = None) -> list[dict]:
     """Run every combination of `grid` as a DVC experiment; returns one row per experiment."""
@@ -124,9 +116,9 @@ def sweep(grid: Grid, root: str = ".", out: str | None = None) -> list[dict]:
         futures = [run_experiment.with_options(task_run_name=name).submit(root, name, assignment, labels)
                    for name, (labels, assignment) in jobs[start : start + cfg.parallel]]
         rows += [future.result() for future in futures]
-    metrics = experiment_metrics(Path(root), {row["experiment"] for row in rows if row["status"] == "done"})
-    for row in rows:
-        row.update(metrics.get(row["experiment"], {}))
+    shown = experiment_rows(Path(root), {row["experiment"] for row in rows if row["status"] == "done"})
+    for row in rows:  # the grid's own columns stay as given; params.* and <metrics file>.* come from DVC
+        row.update({k: v for k, v in shown.get(row["experiment"], {}).items() if k not in row})
     out_path = Path(root) / (out or f"sweeps/sweep-{stamp}.csv")
     write_csv(out_path, rows)
     create_table_artifact(key="cirflow-sweep", table=rows, description=f"sweep {stamp}: {len(rows)} experiments")

@@ -14,6 +14,7 @@ from pipelines.common import OrchestrationConfig, stages_in_order
 from pipelines.repro import repro
 from pipelines.serve import deployments
 from pipelines import report
+from pipelines.common import experiment_rows
 from pipelines.sweep import combinations, parse_grid, sweep
 from stages.common.params import parse
 from tiny_repo import STAGES, make_tiny_repo, set_param
@@ -84,7 +85,7 @@ def test_sweep_over_a_2x2_grid_gives_four_experiments_with_distinct_metrics(tiny
     rows = sweep(grid=grid, root=str(tiny), out="sweeps/grid.csv")
     assert [r["status"] for r in rows] == ["done"] * 4
     assert {(r["train.lr"], r["train.steps"]) for r in rows} == {("0.01", "4"), ("0.01", "8"), ("0.05", "4"), ("0.05", "8")}
-    metric_rows = {tuple(v for k, v in sorted(r.items()) if k.startswith("composed.")) for r in rows}
+    metric_rows = {tuple(v for k, v in sorted(r.items()) if k.startswith("evaluate.composed.")) for r in rows}
     assert len(metric_rows) == 4 and all(metric_rows)
     with open(tiny / "sweeps/grid.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
@@ -94,24 +95,32 @@ def test_a_failing_experiment_is_listed_and_the_others_complete(tiny):
     rows = sweep(grid={"train.lr": ["-1", "0.02"]}, root=str(tiny), out="sweeps/bad.csv")
     failed, done = rows
     assert failed["status"] == "failed" and "train.lr: Input should be greater than 0" in failed["error"]
-    assert done["status"] == "done" and "composed.test.target.r10" in done
+    assert done["status"] == "done" and "evaluate.composed.test.target.r10" in done
 
 
-def test_report_tables_the_sweep_from_dvc_exp_show(tiny, tmp_path, capsys):
-    """Runs after the 2x2 sweep above: its four experiments, one table row each, numbers as DVC has them."""
+def test_report_tables_the_sweep_from_its_csv_alone(tiny, tmp_path, capsys, monkeypatch):
+    """Runs after the 2x2 sweep above: its four experiments, one table row each, numbers as DVC had them when the
+    sweep wrote the CSV; read from a copy of the CSV in a folder that is no DVC repository (a clean clone's view)."""
     with open(tiny / "sweeps/grid.csv") as f:
         rows = list(csv.DictReader(f))
+    shown = experiment_rows(tiny, {row["experiment"] for row in rows})
+    for row in rows:
+        assert float(row["evaluate.composed.test.target.r1"]) == shown[row["experiment"]]["evaluate.composed.test.target.r1"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "grid.csv").write_bytes((tiny / "sweeps/grid.csv").read_bytes())
+    monkeypatch.chdir(elsewhere)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{report.BEGIN}\nold\n{report.END}\ntail\n")
-    report.main(["--csv", str(tiny / "sweeps/grid.csv"), "--root", str(tiny), "--readme", str(readme)])
+    report.main(["--csv", "grid.csv", "--readme", str(readme)])
     table = readme.read_text().split(report.BEGIN)[1].split(report.END)[0].strip().splitlines()
     assert table[0].startswith("| model | GA | test R@1") and len(table) == 2 + 4
     for row, line in zip(rows, table[2:]):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == "tirg" and cells[1] == "—"
-        assert cells[2] == f"{float(row['composed.test.target.r1']):.1f}"
-        assert cells[6] == f"{float(row['composed.novel.target.r10']):.1f}"
-        assert cells[9] == f"{float(row['composed.whm.target.r10']):.1f}"
+        assert cells[2] == f"{float(row['evaluate.composed.test.target.r1']):.1f}"
+        assert cells[6] == f"{float(row['evaluate.composed.novel.target.r10']):.1f}"
+        assert cells[9] == f"{float(row['evaluate.composed.whm.target.r10']):.1f}"
     assert readme.read_text().endswith("tail\n") and "old" not in readme.read_text()
 
 

@@ -63,3 +63,17 @@ def test_seeds_report_gives_intervals_differences_sentences_and_a_figure(tmp_pat
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
     with pytest.raises(SystemExit, match="no arm 'nope'"):
         report.differences(arms, keys, [("nope", "tirg")])
+
+
+def test_report_reads_a_sweep_csv_back_with_its_types_and_refuses_one_without_metrics(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("experiment,status,arm,seed,params.evaluate.protocols,evaluate.composed.test.target.r1,error\n"
+                    "e1,done,tirg,s0,['target'],43.25,\n"
+                    "e2,failed,tirg,s1,,,boom\n")
+    rows = report.read_rows(good)
+    assert rows == [{"experiment": "e1", "status": "done", "arm": "tirg", "seed": "s0",
+                     "params.evaluate.protocols": ["target"], "evaluate.composed.test.target.r1": 43.25, "error": None}]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("experiment,status,arm,seed\ne1,done,tirg,s0\n")
+    with pytest.raises(SystemExit, match="bad.csv: experiment e1 has no evaluate.\\* columns"):
+        report.read_rows(bad)
