@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -106,16 +107,20 @@ def run_experiment(root: str, name: str, assignment: dict[str, str], labels: dic
 
 
 @flow(name="cirflow-sweep", log_prints=True)
-def sweep(grid: Grid, root: str = ".", out: str | None = None) -> list[dict]:
-    """Run every combination of `grid` as a DVC experiment; returns one row per experiment."""
+def sweep(grid: Grid, root: str = ".", out: str | None = None, parallel: int | None = None) -> list[dict]:
+    """Run every combination of `grid` as a DVC experiment, `parallel` (default `orchestration.parallel`) at a
+    time; returns one row per experiment."""
     cfg = load_orchestration(Path(root))
+    if parallel is not None:
+        if parallel < 1:
+            raise ValueError(f"--parallel {parallel}: must be at least 1")
+        cfg = dataclasses.replace(cfg, parallel=parallel)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     jobs = [(f"sweep-{stamp}-{i:02d}", point) for i, point in enumerate(combinations(grid))]
-    rows = []
-    for start in range(0, len(jobs), cfg.parallel):
-        futures = [run_experiment.with_options(task_run_name=name).submit(root, name, assignment, labels)
-                   for name, (labels, assignment) in jobs[start : start + cfg.parallel]]
-        rows += [future.result() for future in futures]
+    rows = [future.result() for future in _at_most(cfg.parallel, [
+        (lambda name=name, labels=labels, assignment=assignment:
+         run_experiment.with_options(task_run_name=name).submit(root, name, assignment, labels))
+        for name, (labels, assignment) in jobs])]
     shown = experiment_rows(Path(root), {row["experiment"] for row in rows if row["status"] == "done"})
     for row in rows:  # the grid's own columns stay as given; params.* and <metrics file>.* come from DVC
         row.update({k: v for k, v in shown.get(row["experiment"], {}).items() if k not in row})
@@ -125,6 +130,21 @@ def sweep(grid: Grid, root: str = ".", out: str | None = None) -> list[dict]:
     failed = [row["experiment"] for row in rows if row["status"] == "failed"]
     print(f"sweep: {len(rows) - len(failed)} done, {len(failed)} failed {failed or ''} -> {out_path}")
     return rows
+
+
+def _at_most(parallel: int, starts: list) -> list:
+    """Call each `start()` (which submits a task and returns its future) in order, with at most `parallel` futures
+    unfinished at a time: a slot frees as soon as any experiment ends. Returns the futures in the order given."""
+    futures, running = [], []
+    for start in starts:
+        while len(running) >= parallel:
+            running = [f for f in running if not f.state.is_final()]
+            if len(running) >= parallel:
+                time.sleep(1)
+        future = start()
+        futures.append(future)
+        running.append(future)
+    return futures
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -143,9 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=Path, help="YAML file: param -> list of values")
     parser.add_argument("--root", default=".", help="the DVC repository (default: here)")
     parser.add_argument("--out", help="CSV path relative to the root (default: sweeps/sweep-<time>.csv)")
+    parser.add_argument("--parallel", type=int, help="experiments at once (default: orchestration.parallel); on a "
+                        "small CPU give each one thread: OMP_NUM_THREADS=1")
     args = parser.parse_args(argv)
     grid = parse_grid(args.sets, args.grid)
-    rows = sweep(grid=grid, root=args.root, out=args.out)
+    rows = sweep(grid=grid, root=args.root, out=args.out, parallel=args.parallel)
     for row in rows:
         print(f"{row['experiment']}  {row['status']:<6}  " + "  ".join(f"{k}={row[k]}" for k in grid if k in row))
 

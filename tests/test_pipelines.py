@@ -177,3 +177,25 @@ def test_serve_schedules_repro_from_params():
     assert sweep_deployment.schedules == []
     with pytest.raises(Exception, match="orchestration.schedule: must be a 5-field cron"):
         parse(OrchestrationConfig, "orchestration", {**vars(cfg), "schedule": "nightly"})
+
+
+def test_at_most_n_experiments_run_at_once_and_a_slot_frees_when_any_ends():
+    import time as clock
+
+    from pipelines.sweep import _at_most
+
+    class Future:  # a task of `seconds`, with the state API the sweep reads from a Prefect future
+        def __init__(self, seconds):
+            self.start = clock.monotonic()
+            self.end = self.start + seconds
+
+        @property
+        def state(self):
+            return type("State", (), {"is_final": lambda _: clock.monotonic() >= self.end})()
+
+    futures = _at_most(2, [lambda s=s: Future(s) for s in (3.0, 0.1, 0.1, 0.1)])
+    assert len(futures) == 4
+    for i, f in enumerate(futures):  # never more than two unfinished at a start
+        assert sum(1 for g in futures[:i] if g.end > f.start) <= 1
+    # the short ones follow each other beside the long one, which does not hold its batch back
+    assert futures[3].start < futures[0].end
