@@ -242,7 +242,7 @@ def write_into_readme(readme: Path, markdown: str, marker: str | None = None) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--csv", type=Path, required=True, help="the sweep's CSV (experiment names)")
+    parser.add_argument("--csv", type=Path, required=True, action="append", help="a sweep CSV (repeatable: the rows of all)")
     parser.add_argument("--readme", type=Path, help="write the table into this file between the markers")
     parser.add_argument("--marker", help="the README markers' name (default: the unnamed pair)")
     parser.add_argument("--arm-axis", default="arm", help="the grid axis naming the arms (default: arm)")
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="report the paired difference arm A − arm B (repeatable; seeds mode)")
     parser.add_argument("--png", type=Path, help="seeds mode: draw the arms' means and intervals here")
     args = parser.parse_args(argv)
-    sweep_rows = read_rows(args.csv)
+    sweep_rows = [row for path in args.csv for row in read_rows(path)]
     found = {row["experiment"]: row for row in sweep_rows}
     if sweep_rows and args.seed_axis in sweep_rows[0]:
         arms = by_arm(sweep_rows, found, args.arm_axis, args.seed_axis)
