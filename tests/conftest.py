@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["fail_on_skip"]  # .ci/run: a skipped test fails the run
+
 
 @pytest.fixture
 def server(tmp_path):

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from shared_fixtures import FIXTURES, fixture
 from PIL import Image
 
 from stages.datasets import manifest
@@ -18,16 +20,12 @@ from stages.datasets import cirr
 from stages.datasets.cirr import Config
 from stages.datasets.download import DownloadConfig
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 DOWNLOAD = DownloadConfig(workers=2, retries=0, backoff_seconds=0.0, timeout_seconds=5.0)
 LEFT_OUT = "dev-1028-1-img1"  # target_hard of val pairid 12060 (record 0)
 
 
 def fixture_dir() -> Path:
-    folder = FIXTURES / "cirr"
-    if not folder.is_dir():
-        pytest.fail(f"fixture folder {folder} is missing: the tests need shared/fixtures/ beside the checkout")
-    return folder
+    return fixture("cirr")
 
 
 def load(relative: str):

@@ -19,6 +19,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+
+from shared_fixtures import FIXTURES, fixture
 from PIL import Image
 
 from stages.datasets import manifest
@@ -27,7 +29,6 @@ from stages.datasets import fashioniq
 from stages.datasets.fashioniq import Config, parse_url_list, query_text
 from stages.datasets.download import DownloadConfig
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 # The two hosts of the URL lists (g-ecx: brand-logo placeholders) and where the fake web serves them.
 HOSTS = {"http://ecx.images-amazon.com/": "/ecx/", "http://g-ecx.images-amazon.com/": "/g-ecx/"}
 CATEGORIES = ["dress", "shirt", "toptee"]
@@ -36,10 +37,7 @@ DOWNLOAD = DownloadConfig(workers=8, retries=0, backoff_seconds=0.0, timeout_sec
 
 
 def fixture_dir() -> Path:
-    folder = FIXTURES / "fashioniq"
-    if not folder.is_dir():
-        pytest.fail(f"fixture folder {folder} is missing: the tests need shared/fixtures/ beside the checkout")
-    return folder
+    return fixture("fashioniq")
 
 
 def load(relative: str):

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from shared_fixtures import FIXTURES, fixture
 from karpathy_files import DOWNLOAD, five, record, write_jpeg, write_karpathy
 
 from stages.datasets import captions, manifest
@@ -14,7 +16,6 @@ from stages.common.errors import StageError
 from stages.datasets import flickr30k
 from stages.common.params import parse
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 ID_MAPPING = FIXTURES / "flickr30k" / "id_mapping.json"
 
 FIRST_RAWS = [  # Karpathy imgid 0 (DATASETS.md §8; its SCAN captions are f30k train_caps lines 1-5)
@@ -30,8 +31,7 @@ MISSING_INDEX = 4
 
 @pytest.fixture(scope="module")
 def filenames() -> list[str]:
-    if not ID_MAPPING.is_file():
-        pytest.fail(f"fixture {ID_MAPPING} is missing: the tests need the shared fixtures next to the repo")
+    fixture(str(ID_MAPPING.relative_to(FIXTURES)))
     mapping = json.loads(ID_MAPPING.read_text())
     return [mapping[str(i)] for i in range(len(SPLITS))]
 

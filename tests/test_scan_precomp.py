@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared_fixtures import FIXTURES, fixture
+
 from stages.datasets import captions
 from stages.common.errors import StageError
 from stages.common.errors import ManifestError
 from stages.datasets import scan_precomp
 from stages.datasets.scan_precomp import read_id_mapping, read_lines, read_split
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 COCO = FIXTURES / "scan_precomp" / "coco_precomp"
 F30K = FIXTURES / "scan_precomp" / "f30k_precomp"
 ID_MAPPING = FIXTURES / "flickr30k" / "id_mapping.json"
@@ -24,8 +25,7 @@ ID_MAPPING = FIXTURES / "flickr30k" / "id_mapping.json"
 @pytest.fixture(autouse=True, scope="module")
 def fixtures_present():
     for needed in (COCO / "testall_caps.txt", F30K / "train_caps.txt", F30K / "dev_caps.txt", ID_MAPPING):
-        if not needed.is_file():
-            pytest.fail(f"fixture {needed} is missing: the tests need the shared fixtures next to the repo")
+        fixture(str(needed.relative_to(FIXTURES)))
 
 
 def f30k_copy(tmp_path: Path, rows_per_image: dict[str, int], first_id: dict[str, int] | None = None) -> Path:

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from shared_fixtures import FIXTURES, fixture
 from PIL import Image
 
 from stages.datasets import manifest
@@ -20,17 +22,13 @@ from stages.datasets import shoes
 from stages.datasets.shoes import Config
 from stages.datasets.download import DownloadConfig
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 DOWNLOAD = DownloadConfig(workers=2, retries=0, backoff_seconds=0.0, timeout_seconds=5.0)
 # Left out of the images folder: the reference of pair 0 (train) and the target of the last pair (eval).
 LEFT_OUT_REFERENCE = "img_womens_clogs_512.jpg"
 
 
 def fixture_dir() -> Path:
-    folder = FIXTURES / "shoes"
-    if not folder.is_dir():
-        pytest.fail(f"fixture folder {folder} is missing: the tests need shared/fixtures/ beside the checkout")
-    return folder
+    return fixture("shoes")
 
 
 def pairs() -> list[dict]:
