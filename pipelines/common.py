@@ -1,6 +1,8 @@
 """What the flows share: the `orchestration` params, the DVC stage graph, and running DVC commands."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import os
 import shutil
 import subprocess
@@ -70,13 +72,65 @@ def parse_overrides(items: list[str] | None) -> list[str]:
     return overrides
 
 
-def dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
-    """Run `dvc ARGS` in `root` with this interpreter's environment first on PATH (its dvc, its python)."""
+def dvc(args: list[str], root: Path, stream: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
+    """Run `dvc ARGS` in `root` with this interpreter's environment first on PATH (its dvc, its python).
+
+    With `stream`, stdout and stderr are merged and every line (a progress bar's `\r` updates too) is handed to
+    `stream` as it comes: a long stage shows in the flow run's log while it runs. The result's stdout then holds
+    the merged text and stderr is empty."""
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     executable = shutil.which("dvc", path=env["PATH"])
     if executable is None:
         raise FileNotFoundError("no `dvc` executable beside this Python or on PATH (run `make setup`)")
-    return subprocess.run([executable, *args], cwd=root, env=env, capture_output=True, text=True)
+    if stream is None:
+        return subprocess.run([executable, *args], cwd=root, env=env, capture_output=True, text=True)
+    lines = []
+    with subprocess.Popen([executable, *args], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as process:  # text mode reads "\r" as a line end too
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            if line.strip():
+                stream(line)
+    return subprocess.CompletedProcess(process.args, process.returncode, "\n".join(lines), "")
+
+
+def remove_stale_locks(root: Path) -> list[str]:
+    """Drop the entries of DVC's `.dvc/tmp/rwlock` whose process is gone: no such PID, a zombie (a `kill -9`ed
+    dvc its parent never reaped) or a PID reused by another program. DVC itself drops only PIDs that do not
+    exist, so a zombie or a reused PID blocks every later `dvc repro` ("... is busy, it is being blocked by").
+    A lock held by a live dvc is kept. Returns one line per removed entry."""
+    import psutil
+    from dvc.fs import localfs
+    from dvc.rwlock import _edit_rwlock  # DVC's own guarded read-modify-write of the file (no public API)
+
+    lock_dir = Path(root) / ".dvc" / "tmp"
+    if not (lock_dir / "rwlock").is_file():
+        return []
+
+    def alive(info: dict) -> bool:
+        try:
+            process = psutil.Process(int(info["pid"]))
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return False
+            return " ".join(process.cmdline()).endswith(info["cmd"].split(" ", 1)[-1])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            return False
+
+    removed = []
+    with _edit_rwlock(str(lock_dir), localfs, False) as lock:
+        for path, info in list(lock["write"].items()):
+            if not alive(info):
+                removed.append(f"write lock on {path} (PID {info['pid']}: {info['cmd']})")
+                del lock["write"][path]
+        for path, infos in list(lock["read"].items()):
+            kept = [info for info in infos if alive(info)]
+            removed += [f"read lock on {path} (PID {i['pid']}: {i['cmd']})" for i in infos if i not in kept]
+            if kept:
+                lock["read"][path] = kept
+            else:
+                del lock["read"][path]
+    return removed
 
 
 def tail(text: str, lines: int = 25) -> str:

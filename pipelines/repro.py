@@ -5,8 +5,11 @@
 Each task runs `dvc repro --single-item <stage>` (with `--set`: `dvc exp run --single-item <stage>
 -S ...`: DVC applies the overrides and records a workspace experiment, leaving the workspace's
 params.yaml at its values, as `dvc exp run` always does; this flow never edits params.yaml itself). It records whether DVC ran the stage, found it up to date, or restored it from the
-run-cache, its wall time and the metrics it wrote. A failing stage is retried
-`orchestration.retries` times, then fails the flow with DVC's own error text; later stages do not run.
+run-cache, its wall time and the metrics it wrote. The stage's output streams into the flow run's log line by
+line. A failing stage is retried `orchestration.retries` times, then fails the flow with DVC's own error text;
+later stages do not run. A params error (the stage exits with 2: a bad key or value, the same on every try) fails
+at once. Before each stage, DVC locks left by a dvc process that no longer runs (a `kill -9`) are removed, each
+with a log line.
 """
 from __future__ import annotations
 
@@ -15,10 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines.common import Stage, dvc, load_orchestration, parse_overrides, stages_in_order, tail
+from pipelines.common import Stage, dvc, load_orchestration, parse_overrides, remove_stale_locks, stages_in_order, tail
 
 STATUS_LINES = {  # what `dvc repro` prints for each outcome
     "ran": "Running stage '{}'",
@@ -29,6 +32,24 @@ STATUS_LINES = {  # what `dvc repro` prints for each outcome
 
 class StageFailed(RuntimeError):
     pass
+
+
+class ParamsFailed(StageFailed):
+    """The stage refused its params (exit code 2): retrying cannot help."""
+
+
+PARAMS_EXIT = "exited with 2"  # how `dvc repro` reports a stage's exit code 2 (stages.common.errors.run_stage)
+
+
+def retry_unless_params_error(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry any failure but a ParamsFailed."""
+    try:
+        state.result()
+    except ParamsFailed:
+        return False
+    except BaseException:
+        return True
+    return True
 
 
 def classify(stage: str, output: str) -> str:
@@ -52,12 +73,16 @@ def run_stage(root: str, stage: Stage, overrides: list[str]) -> dict:
         args = ["exp", "run", "--single-item", stage.name, *(a for o in overrides for a in ("-S", o))]
     else:
         args = ["repro", "--single-item", stage.name]
+    logger = get_run_logger()
+    for removed in remove_stale_locks(Path(root)):
+        logger.warning(f"removed a stale DVC lock: {removed}: its process no longer runs")
     began = time.perf_counter()
-    result = dvc(args, Path(root))
+    result = dvc(args, Path(root), stream=logger.info)
     seconds = round(time.perf_counter() - began, 2)
     if result.returncode != 0:
         output = tail(result.stdout + "\n" + result.stderr)
-        raise StageFailed(f"stage '{stage.name}' failed (dvc exit {result.returncode}):\n{output}")
+        failure = ParamsFailed if PARAMS_EXIT in result.stdout else StageFailed
+        raise failure(f"stage '{stage.name}' failed (dvc exit {result.returncode}):\n{output}")
     metrics = {path: flatten(json.loads((Path(root) / path).read_text())) for path in stage.metrics}
     status = classify(stage.name, result.stdout)
     print(f"{stage.name}: {status.replace('_', ' ')} in {seconds} s")
@@ -72,7 +97,8 @@ def repro(root: str = ".", overrides: list[str] | None = None) -> list[dict]:
     results = []
     for stage in stages_in_order(Path(root)):
         run = run_stage.with_options(name=stage.name, task_run_name=stage.name, retries=cfg.retries,
-                                     retry_delay_seconds=cfg.retry_delay_seconds)
+                                     retry_delay_seconds=cfg.retry_delay_seconds,
+                                     retry_condition_fn=retry_unless_params_error)
         results.append(run(root, stage, overrides))
     if all(r["status"] != "ran" for r in results):
         print("repro: nothing to do, every stage was up to date or restored from the run-cache")

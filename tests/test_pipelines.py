@@ -64,7 +64,23 @@ def test_overrides_go_to_dvc_as_set_params_and_rerun_only_what_they_touch(tiny):
         repro.fn(root=str(tiny), overrides=["train.steps"])
 
 
-def test_a_failing_stage_is_retried_then_fails_the_flow_with_its_own_error(tiny):
+def flow_logs(state) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read():
+        messages = []
+        async with get_client() as client:
+            while True:  # the API hands out at most 200 at a time
+                page = await client.read_logs(log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200,
+                    offset=len(messages))
+                messages += [log.message for log in page]
+                if len(page) < 200:
+                    return messages
+    return asyncio.run(read())
+
+
+def test_a_params_error_fails_the_flow_at_once_with_its_own_error(tiny):
     set_param(tiny, "orchestration", "retries", 2)
     set_param(tiny, "mine", "k", 0)
     try:
@@ -76,8 +92,64 @@ def test_a_failing_stage_is_retried_then_fails_the_flow_with_its_own_error(tiny)
     with pytest.raises(Exception, match=r"params\.yaml: mine\.k: Input should be greater than 0"):
         state.result()
     runs = {run.name: run for run in task_runs(state)}
-    assert runs["mine"].run_count == 3  # the first try and two retries
+    assert runs["mine"].run_count == 1  # exit code 2: the same on every try, so no retry
     assert "train" not in runs and "evaluate" not in runs  # nothing after the failed stage
+
+
+def test_another_failure_is_retried_and_stage_output_streams_into_the_flow_log(tiny):
+    dvc_yaml = yaml.safe_load((tiny / "dvc.yaml").read_text())
+    flaky = ("python -c \"import pathlib, sys; p = pathlib.Path('tries'); n = int(p.read_text()) if p.exists() else 0; "
+             "p.write_text(str(n + 1)); print('flaky try', n + 1); sys.exit(0 if n else 1)\"")
+    dvc_yaml["stages"]["flaky"] = {"cmd": flaky, "deps": ["metrics/evaluate.json"], "outs": ["flaky.txt"]}
+    dvc_yaml["stages"]["flaky"]["cmd"] += " && python -c \"open('flaky.txt', 'w').write('ok')\""
+    (tiny / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    set_param(tiny, "orchestration", "retries", 2)
+    try:
+        state = repro(root=str(tiny), return_state=True)
+    finally:
+        set_param(tiny, "orchestration", "retries", 1)
+        del dvc_yaml["stages"]["flaky"]
+        (tiny / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    assert state.is_completed()
+    runs = {run.name: run for run in task_runs(state)}
+    assert runs["flaky"].run_count == 2  # failed once (exit 1), retried, passed
+    logs = flow_logs(state)
+    assert "flaky try 1" in logs and "flaky try 2" in logs  # each line of the stage, as it printed it
+
+
+def test_a_kill_9_leaves_a_lock_that_the_flow_removes_and_training_resumes(tiny):
+    """kill -9 of `dvc repro` during train: the dvc process stays a zombie (its parent has not reaped it), so DVC
+    keeps seeing its PID and refuses to go on; the flow removes that lock, says so, and train resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time as clock
+
+    set_param(tiny, "train", "steps", 400)
+    set_param(tiny, "train", "checkpoint_every", 20)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc_repro = subprocess.Popen(["dvc", "repro"], cwd=tiny, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = clock.monotonic() + 300
+        while not list(tiny.glob("data/.train.partial-*/resume.pt")):
+            assert clock.monotonic() < deadline and dvc_repro.poll() is None, "train never checkpointed"
+            clock.sleep(0.2)
+        os.killpg(dvc_repro.pid, signal.SIGKILL)  # dvc and the stage under it; not waited for: a zombie
+        clock.sleep(1)
+        blocked = subprocess.run(["dvc", "repro"], cwd=tiny, env=env, capture_output=True, text=True)
+        assert blocked.returncode != 0 and "is busy, it is being blocked by" in blocked.stderr
+        state = repro(root=str(tiny), return_state=True)
+        assert state.is_completed(), state
+        logs = flow_logs(state)
+        assert any(f"removed a stale DVC lock: write lock on" in line and f"PID {dvc_repro.pid}" in line
+                   for line in logs), [line for line in logs if "lock" in line]
+        assert any("train: resuming at step" in line for line in logs)
+    finally:
+        dvc_repro.wait()
+        set_param(tiny, "train", "steps", 6)
+        set_param(tiny, "train", "checkpoint_every", 5)
 
 
 def test_sweep_over_a_2x2_grid_gives_four_experiments_with_distinct_metrics(tiny):
