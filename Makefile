@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 repro: setup
 	dvc repro
-	dvc metrics show
+	python -m stages.headline
 
 test: setup
 	pytest

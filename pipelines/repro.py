@@ -7,8 +7,8 @@ Each task runs `dvc repro --single-item <stage>` (with `--set`: `dvc exp run --s
 params.yaml at its values, as `dvc exp run` always does; this flow never edits params.yaml itself). It records whether DVC ran the stage, found it up to date, or restored it from the
 run-cache, its wall time and the metrics it wrote. The stage's output streams into the flow run's log line by
 line. A failing stage is retried `orchestration.retries` times, then fails the flow with DVC's own error text;
-later stages do not run. A params error (the stage exits with 2: a bad key or value, the same on every try) fails
-at once. Before each stage, DVC locks left by a dvc process that no longer runs (a `kill -9`) are removed, each
+later stages do not run. A params or input error (the stage exits with 2: a bad key, value or file, the same on
+every try) fails at once. Before each stage, DVC locks left by a dvc process that no longer runs (a `kill -9`) are removed, each
 with a log line.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class StageFailed(RuntimeError):
 
 
 class ParamsFailed(StageFailed):
-    """The stage refused its params (exit code 2): retrying cannot help."""
+    """The stage refused its params or input (exit code 2, stages.common.errors.run_stage): retrying cannot help."""
 
 
 PARAMS_EXIT = "exited with 2"  # how `dvc repro` reports a stage's exit code 2 (stages.common.errors.run_stage)

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from torch import nn
 
@@ -29,7 +30,8 @@ def load_for_embedding(checkpoint: Path, device: torch.device):
 def embed_gallery(model: nn.Module, shard_dir: Path, split: str, batch_size: int, device: torch.device):
     """(image ids in shard order, their captions, L2-normalised features N x d on the CPU)."""
     ids, captions, features = [], [], []
-    for chunk in batched(store.iter_gallery(shard_dir, split), batch_size):
+    for chunk in _progress(batched(store.iter_gallery(shard_dir, split), batch_size), shard_dir, split, "gallery",
+                           batch_size, f"embed {split} images"):
         images = to_device(torch.stack([decode_image(data) for _, _, data in chunk]), device)
         with autocast(device):
             features.append(as_vector(model.encode_image(images)).float().cpu())
@@ -49,7 +51,8 @@ def embed_queries(model: nn.Module, tokenizer, shard_dir: Path, split: str, batc
     vocabulary quirk).
     """
     records, features = [], {mode: [] for mode in modes}
-    for chunk in batched(store.iter_queries(shard_dir, split), batch_size):
+    for chunk in _progress(batched(store.iter_queries(shard_dir, split), batch_size), shard_dir, split, "queries",
+                           batch_size, f"embed {split} queries"):
         images = to_device(torch.stack([decode_image(q["ref"]) for q in chunk]), device)
         texts = [q["text"] for q in chunk]
         tokens, lengths = tokenizer.batch(texts, drop_rare_below) if drop_rare_below else tokenizer.batch(texts)
@@ -69,7 +72,8 @@ def embed_queries(model: nn.Module, tokenizer, shard_dir: Path, split: str, batc
 def embed_captions(model: nn.Module, tokenizer, shard_dir: Path, split: str, batch_size: int, device: torch.device):
     """(caption ids, their image ids, L2-normalised text features M x d on the CPU) of every caption of a split."""
     caption_ids, image_ids, features = [], [], []
-    for chunk in batched(store.iter_captions(shard_dir, split), batch_size):
+    for chunk in tqdm(batched(store.iter_captions(shard_dir, split), batch_size), desc=f"embed {split} captions",
+                      unit="batch", mininterval=2):
         tokens, lengths = tokenizer.batch([text for _, _, text in chunk])
         with autocast(device):
             features.append(model.encode_text(tokens.to(device), lengths.to(device)).float().cpu())
@@ -77,6 +81,12 @@ def embed_captions(model: nn.Module, tokenizer, shard_dir: Path, split: str, bat
         image_ids += [image_id for _, image_id, _ in chunk]
     return caption_ids, image_ids, F.normalize(torch.cat(features), dim=1)
 
+
+
+def _progress(chunks, shard_dir: Path, split: str, kind: str, batch_size: int, desc: str):
+    """A progress bar (stderr) over the batches of one split and kind, its length from the shard index."""
+    total = sum(store.shard_counts(shard_dir, split, kind).values())
+    return tqdm(chunks, desc=desc, total=-(-total // batch_size), unit="batch", mininterval=2)
 
 
 def embed_matching_split(model: nn.Module, tokenizer, shard_dir: Path, split: str, batch_size: int,
