@@ -10,6 +10,7 @@ Every composition model offers the same four calls, which is all the stages use:
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing_extensions import Annotated
 from models.composed.val import resnet_levels
 from models.encoders import LSTMTextEncoder, ResNetEncoder, SmallCNN, SmallCNNMaps, resnet_last_map
 from models.registry import MODELS
+from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, ParamsError, parse, require, section
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -36,7 +38,9 @@ RESNET_DEPTH = {"resnet18": 18, "resnet50": 50}
 @section
 class ImageConfig:
     encoder: Literal["small_cnn", "resnet18", "resnet50"]
-    weights: Optional[str]   # a local torchvision ImageNet state_dict for the ResNets; never downloaded
+    # the ResNets' ImageNet weights: a torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), fetched once into
+    # $TORCH_HOME/hub/checkpoints and read from there offline, or the path of a local state_dict file
+    weights: Optional[str]
     channels: list[PositiveInt]
 
     def __post_init__(self):
@@ -112,13 +116,41 @@ def zeros_like(x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torc
     return torch.zeros_like(x) if isinstance(x, torch.Tensor) else [torch.zeros_like(level) for level in x]
 
 
+WEIGHTS_NAME = re.compile(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*")  # IMAGENET1K_V1, DEFAULT, ResNet50_Weights.IMAGENET1K_V2
+
+
 def read_image_weights(cfg: ImageConfig) -> dict[str, torch.Tensor] | None:
+    """The state_dict `model.image.weights` names: a torchvision weights name of the encoder (through torchvision's
+    own download and cache) or a file."""
     if cfg.weights is None:
         return None
     path = Path(cfg.weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.image.weights: {path} does not exist (weights are never downloaded)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if not WEIGHTS_NAME.fullmatch(cfg.weights) or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"model.image.weights: {path} does not exist")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return torchvision_weights(cfg.encoder, cfg.weights)
+
+
+def torchvision_weights(encoder: str, name: str) -> dict[str, torch.Tensor]:
+    """torchvision's `<Encoder>_Weights.<name>` state_dict: from $TORCH_HOME/hub/checkpoints when it was fetched
+    before (no network then), else downloaded there once (torchvision checks its hash)."""
+    import urllib.error
+
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(encoder)
+    member = name.split(".")[-1]
+    if member not in enum.__members__:
+        raise ParamsError(f"model.image.weights: {name!r} is neither a file nor a weights name of {encoder} "
+                          f"(torchvision has {', '.join(enum.__members__)})")
+    weights = enum[member]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError) as err:
+        raise StageError(f"model.image.weights: {name} is not in the cache ({cached}) and could not be downloaded "
+                         f"from {weights.url} ({err}); fetch it once with a network, or name a local file") from None
 
 
 class Parts:
