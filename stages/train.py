@@ -163,7 +163,7 @@ def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, los
                       store.index_digest(args.shards))
     with output_dir(args.out, key, world) as work:
         if (work / "model.pt").is_file():  # a crash during SIAM training: the dual encoder is done
-            model.load_state_dict(torch.load(work / "model.pt", map_location=device, weights_only=False)["model"])
+            model.load_state_dict(torch.load(work / "model.pt", map_location=device, weights_only=True)["model"])
             summary = json.loads((work / "summary.json").read_text())
         else:
             batches = matching_batches(args.shards, "train", distributed.local_batch(cfg.batch_size, "train"),

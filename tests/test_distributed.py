@@ -140,7 +140,7 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path):
     with pytest.raises(_Stop):  # crashes at step 5, after the checkpoint of step 3
         fit(model, _crash_after([global_batch("composed")] * 6, 4), step_fn("composed", vocab, loss_cfg), loop(6, 3),
             work, "test")
-    assert torch.load(work / "resume.pt", weights_only=False)["step"] == 3
+    assert torch.load(work / "resume.pt", weights_only=True)["step"] == 3
     mp.start_processes(_resume_rank, args=(2, free_port(), str(work), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in range(2):
         assert json.loads((tmp_path / f"summary{rank}.json").read_text())["steps"] == 3  # steps 4..6 only

@@ -106,3 +106,25 @@ def test_resnet18_weights_are_read_from_a_local_file(tmp_path):
     cfg = parse(ModelConfig, "model", {**MODEL, "image": {"encoder": "resnet18", "weights": str(tmp_path / "r18.pt"), "channels": [1]}})
     model = build_model(cfg, 10, 64)
     assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 32)
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create the marker file
+
+
+def test_a_checkpoint_cannot_run_code_when_opened(tmp_path):
+    from stages.modeling.factory import load_model
+    from stages.retrieval.rerank import load_siam
+
+    marker = tmp_path / "code-ran"
+    for name in ("model.pt", "siam.pt"):
+        torch.save({"model": {}, "model_config": _RunsCodeWhenUnpickled(str(marker))}, tmp_path / name)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_model(tmp_path / "model.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_siam(tmp_path / "siam.pt", torch.device("cpu"))
+    assert not marker.exists()

@@ -154,7 +154,7 @@ def test_an_image_file_is_resized_and_cropped_to_the_gallery_size(trained, embed
 def composed_checkpoint(trained, tmp_path_factory):
     """A (untrained) TIRG checkpoint with the tiny model's vocabulary: a composed-retrieval model."""
     _, model_path, _ = trained
-    state = torch.load(model_path, map_location="cpu", weights_only=False)
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
     cfg = parse(ModelConfig, "model", {**state["model_config"], "name": "tirg"})
     model = build_model(cfg, len(tokenizer_from_state(state["vocab"])), state["image_size"], load_weights=False)
     path = tmp_path_factory.mktemp("tirg") / "model.pt"

@@ -41,7 +41,7 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_where_an_unbroken_on
     work = tmp_path / "b"
     with pytest.raises(RuntimeError, match="power cut"):
         fit(fresh_model(), batches(), crash_at_step_5, cfg, work, "test")
-    assert torch.load(work / "resume.pt", weights_only=False)["step"] == 4
+    assert torch.load(work / "resume.pt", weights_only=True)["step"] == 4
 
     resumed = fresh_model()  # a new process: weights come from the checkpoint, batches go on from step 4
     summary = fit(resumed, batches(start=4), regression_step, cfg, work, "test")

@@ -254,7 +254,7 @@ def load_model(path: Path) -> tuple[nn.Module, ModelConfig, object, int]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint (did the stage that writes it run?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = parse(ModelConfig, "model", state["model_config"], path)
     tokenizer = tokenizer_from_state(state["vocab"])
     model = build_model(cfg, len(tokenizer), state["image_size"], load_weights=False)

@@ -22,7 +22,7 @@ def load_siam(path: Path, device: torch.device) -> SIAM | None:
     """The SIAM saved beside a checkpoint, or None when it was trained without one."""
     if not Path(path).is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     siam = SIAM(state["region_dim"], state["channels"], tuple(state["map_size"]), state["dim"])
     siam.load_state_dict(state["model"])
     return siam.to(device).eval()

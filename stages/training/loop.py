@@ -205,7 +205,7 @@ def fit(
     resume_file = work_dir / "resume.pt"
     start = 0
     # rank 0 reads the checkpoint and hands it to the others: it resumes on any number of processes
-    state = torch.load(resume_file, map_location="cpu", weights_only=False) if main and resume_file.exists() else None
+    state = torch.load(resume_file, map_location="cpu", weights_only=True) if main and resume_file.exists() else None
     state = distributed.broadcast(state)
     if state is not None:
         model.load_state_dict(state["model"])
