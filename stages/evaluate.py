@@ -15,10 +15,11 @@ python -m stages.evaluate --model data/train/model.pt --shards data/shards --out
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from stages.common.errors import StageError, run_stage
 from stages.shards import store
 from stages.retrieval.embedding import embed_gallery, embed_matching_split, embed_queries, load_for_embedding
 from stages.retrieval.matching_metrics import coco_1k_folds, fold_rows, i2t_t2i
-from stages.common.params import load, read_task, require, section
+from stages.common.params import PARAMS_FILE, ParamsError, load, read_task, require, section
 from stages.retrieval.rerank import SIAM_FILE, gallery_maps, load_siam, rerank_t2i
 from stages.retrieval.protocols import score
 from stages.retrieval.whm import whm_over_recall_levels, whm_over_splits
@@ -42,37 +43,73 @@ FLAT_PROTOCOLS = ("target", "caption")  # one recall per K: harmonic mean and WH
 Protocol = Literal["target", "caption", "fashioniq_val_union", "fashioniq_clip4cir"]
 
 
+AUTO = "auto"  # read from the dataset's declaration (stages.datasets.evaluation) in the shards
+Auto = Literal["auto"]
+PositiveK = Annotated[int, Field(gt=0)]
+
+
 @section
 class WHMConfig:
-    definition: Literal["splits", "recall_levels"]  # provisional: see stages/retrieval.py
+    definition: Literal["auto", "splits", "recall_levels"]  # provisional: see stages/retrieval.py
     beta: Annotated[float, Field(gt=0)]             # `splits`: weight of the unseen split
-    weights: list[Annotated[float, Field(gt=0)]]    # `recall_levels`: one per evaluate.ks
+    weights: Union[Auto, list[Annotated[float, Field(gt=0)]]]  # `recall_levels`: one per evaluate.ks
 
 
 @section
 class EvaluateConfig:
-    splits: list[str]
-    protocols: list[Protocol]
-    ks: list[Annotated[int, Field(gt=0)]]
+    splits: Union[Auto, list[str]]
+    protocols: Union[Auto, list[Protocol]]
+    ks: Union[Auto, list[PositiveK]]
     batch_size: Annotated[int, Field(gt=0)]
     query_chunk: Annotated[int, Field(gt=0)]     # rows of a similarity block (stages/retrieval.py)
     gallery_chunk: Annotated[int, Field(gt=0)]   # columns of a similarity block
     device: DeviceName
     rare_words_as_unknown_below: Annotated[int, Field(ge=0)]  # quirk (VAL FashionIQ/Shoes: 2); 0 = off
-    matching_ks: list[Annotated[int, Field(gt=0)]]           # task matching
-    rerank_k: Annotated[int, Field(ge=0)]                    # task matching with a SIAM; 0 = no re-ranking
+    matching_ks: list[PositiveK]                              # task matching
+    rerank_k: Annotated[int, Field(ge=0)]                     # task matching with a SIAM; 0 = no re-ranking
     whm: WHMConfig
 
     def __post_init__(self):
-        require(len(self.splits) > 0, "splits", "name at least one split")
-        require(len(set(self.splits)) == len(self.splits), "splits", "a split is named twice")
-        require(len(self.protocols) > 0 and len(set(self.protocols)) == len(self.protocols), "protocols",
-                "name each protocol once, at least one")
-        require(len(self.ks) > 0 and self.ks == sorted(set(self.ks)), "ks", "must be increasing and non-empty")
-        require(self.whm.definition != "splits" or len(self.splits) == 2, "whm.definition",
-                "'splits' compares exactly two splits (seen, unseen); evaluate.splits names "
-                f"{len(self.splits)}")
-        require(len(self.whm.weights) == len(self.ks), "whm.weights", "needs one weight per evaluate.ks")
+        if self.splits != AUTO:
+            require(len(self.splits) > 0, "splits", "name at least one split")
+            require(len(set(self.splits)) == len(self.splits), "splits", "a split is named twice")
+        if self.protocols != AUTO:
+            require(len(set(self.protocols)) == len(self.protocols), "protocols", "name each protocol once")
+        if self.ks != AUTO:
+            require(len(self.ks) > 0 and self.ks == sorted(set(self.ks)), "ks", "must be increasing and non-empty")
+        if self.whm.definition == "splits" and self.splits != AUTO:
+            require(len(self.splits) == 2, "whm.definition", "'splits' compares exactly two splits (seen, unseen); "
+                    f"evaluate.splits names {len(self.splits)}")
+        if self.whm.weights != AUTO and self.ks != AUTO:
+            require(len(self.whm.weights) == len(self.ks), "whm.weights", "needs one weight per evaluate.ks")
+
+
+def resolve(cfg: EvaluateConfig, declared: dict | None, where: str) -> EvaluateConfig:
+    """`cfg` with every `auto` replaced by the dataset's declaration (`declared`, from the shards at `where`)."""
+    autos = [name for name, value in (("splits", cfg.splits), ("protocols", cfg.protocols), ("ks", cfg.ks),
+                                      ("whm.definition", cfg.whm.definition), ("whm.weights", cfg.whm.weights))
+             if value == AUTO]
+    if not autos:
+        return cfg
+    if declared is None:
+        raise StageError(f"{where}: evaluate.{autos[0]}: auto reads the dataset's evaluation.json, which these shards "
+                         f"do not carry (sharded before it existed? re-run prepare, resize and shard), or set it")
+    ks = declared["ks"] if cfg.ks == AUTO else cfg.ks
+    splits = declared["splits"] if cfg.splits == AUTO else cfg.splits
+    if cfg.whm.weights != AUTO:
+        weights = cfg.whm.weights
+    else:
+        weights = declared["whm_weights"] if cfg.ks == AUTO else [1.0] * len(ks)
+    definition = cfg.whm.definition
+    if definition == AUTO:
+        definition = declared["whm_definition"] if len(splits) == 2 or declared["whm_definition"] != "splits" \
+            else "recall_levels"
+    try:
+        return dataclasses.replace(cfg, splits=list(splits), ks=list(ks),
+                                   protocols=list(declared["protocols"]) if cfg.protocols == AUTO else cfg.protocols,
+                                   whm=dataclasses.replace(cfg.whm, definition=definition, weights=list(weights)))
+    except ValueError as err:
+        raise ParamsError(f"{PARAMS_FILE}: evaluate: {err}".split("\nFor further information")[0]) from None
 
 
 def whm(per_split: dict[str, dict[str, float]], cfg: EvaluateConfig) -> dict[str, float]:
@@ -169,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     args = parser.parse_args(argv)
     cfg = load(EvaluateConfig, "evaluate", args.params)
+    cfg = resolve(cfg, store.read_evaluation(args.shards), str(args.shards))
 
     began = time.time()
     device = pick_device(cfg.device)
@@ -182,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         line = ", ".join(f"{s} rsum {metrics[s]['all']['rsum']:.1f}" for s in cfg.splits)
         print(f"evaluate: matching {line} in {time.time() - began:.1f} s -> {args.out}")
         return
+    if not cfg.protocols:
+        raise ParamsError(f"{args.params}: evaluate.protocols: the dataset declares no composed-retrieval protocol "
+                          f"(an image-text matching dataset: set task: matching), or name one")
     per_split = {split: score_split(models, args.shards, split, cfg, device) for split in cfg.splits}
     metrics = with_split_means(per_split, cfg)
     write_json(args.out, metrics)

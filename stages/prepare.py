@@ -11,6 +11,7 @@ stages.common.parallel: a process pool, or Dask workers through Prefect). The ou
     <out>/images/...        the image files
     <out>/images.parquet    image manifest (see stages.datasets.manifest)
     <out>/queries.parquet   query manifest
+    <out>/evaluation.json   how the dataset is evaluated (the adapter's EVALUATION; stages.datasets.evaluation)
     <out>/<extra files>     whatever the adapter records (shapes: shapes.json)
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pyarrow as pa
 from stages.datasets import manifest
 from stages.common.atomic import staged_dir
 from stages.common.errors import run_stage
+from stages.datasets import evaluation
 from stages.datasets.registry import ADAPTERS, load_adapter
 from stages.datasets.download import DownloadConfig
 from stages.common.parallel import ParallelConfig
@@ -84,6 +86,7 @@ def prepare(out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     with staged_dir(out) as work:
         images, queries = build(params, work, download, parallel)
         manifest.write(work, images, queries)
+        evaluation.write(work, params.adapter.EVALUATION)
     return f"prepare {params.name}: images {per_split(images)}; queries {per_split(queries)} -> {out}"
 
 

@@ -34,7 +34,7 @@ from PIL import Image, ImageFile
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages.datasets import captions, manifest
+from stages.datasets import captions, evaluation, manifest
 from stages.common.atomic import staged_dir, write_bytes, write_json
 from stages.common.errors import StageError, run_stage
 from stages.common.parallel import SERIAL, ParallelConfig, map_items
@@ -270,6 +270,8 @@ def run_resize(input_dir: Path | str, output_dir: Path | str, cfg: ResizeConfig,
         kept_images, kept_queries = keep_images(images, outputs, excluded), keep_queries(queries, excluded)
         manifest.write(work, kept_images, kept_queries)
         carried = carry_image_text_files(input_dir, work, images, kept_images, excluded)
+        if (input_dir / evaluation.EVALUATION_FILE).exists():
+            write_bytes(work / evaluation.EVALUATION_FILE, (input_dir / evaluation.EVALUATION_FILE).read_bytes())
         write_json(work / REPORT_FILE, {
             **carried,
             "images_in": images.num_rows,

@@ -5,7 +5,7 @@
 Reads the `shard` and `parallel` sections of params.yaml. For every split: gallery shards (one
 sample per image, with every caption of the image from captions.parquet when the input has one, else
 its manifest caption) and query shards (one sample per query, with both images), in manifest order;
-folds.json, when the input has one, is copied beside them. Layout and sample format in
+folds.json and evaluation.json, when the input has them, are copied beside them. Layout and sample format in
 stages.shards.store. The output directory appears only once complete.
 
 Where each shard ends is planned here, from the image file sizes (stat) and the json members, exactly
@@ -28,7 +28,7 @@ import pyarrow as pa
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages.datasets import captions, manifest
+from stages.datasets import captions, evaluation, manifest
 from stages.shards import store
 from stages.common.atomic import staged_dir, write_json
 from stages.common.errors import StageError, run_stage
@@ -215,6 +215,8 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig,
         index: dict[str, Any] = {"format": store.INDEX_FORMAT, "splits": write_splits(work, plans, cfg, parallel)}
         if (input_dir / captions.FOLDS_FILE).exists():
             index["folds"] = store.write_folds(work, input_dir / captions.FOLDS_FILE)
+        if (input_dir / evaluation.EVALUATION_FILE).exists():
+            index["evaluation"] = store.write_evaluation(work, input_dir / evaluation.EVALUATION_FILE)
         write_json(work / store.INDEX_FILE, index)
         megabytes = total_megabytes(work, index["splits"])
     return Summary(index["splits"], megabytes, time.perf_counter() - start)

@@ -27,7 +27,7 @@ def test_every_section_of_the_repository_params_parses():
         ({"lr": "0.1"}, r"train\.lr: Input should be a valid number"),
         ({"steps": 10.5}, r"train\.steps: Input should be a valid integer"),
         ({"offline_negatives": "yes"}, r"train\.offline_negatives: Input should be a valid boolean"),
-        ({"optimizer": "rmsprop"}, r"train\.optimizer: Input should be 'sgd' or 'adam'"),
+        ({"optimizer": "rmsprop"}, r"train\.optimizer: Input should be 'sgd', 'adam' or 'adam_two_towers'"),
         ({"learning_rate": 0.1}, r"train\.learning_rate: unknown key"),
         ({"ema_as_released_every": 5}, r"train\.ema_as_released_every: needs ema_decay > 0"),
     ],
@@ -48,11 +48,12 @@ def test_missing_key_and_section_are_named(tmp_path):
         load(EvaluateConfig, "evaluate", tmp_path / "p.yaml")
     with pytest.raises(ParamsError, match="evaluate.ks: must be increasing"):
         parse(EvaluateConfig, "evaluate", {**repo_params()["evaluate"], "ks": [10, 1]})
+    raw = repo_params()["evaluate"]
     with pytest.raises(ParamsError, match="evaluate.whm.weights: needs one weight per evaluate.ks"):
-        parse(EvaluateConfig, "evaluate", {**repo_params()["evaluate"], "ks": [1, 10]})
+        parse(EvaluateConfig, "evaluate", {**raw, "ks": [1, 10], "whm": {**raw["whm"], "weights": [1.0, 1.0, 1.0]}})
     with pytest.raises(ParamsError, match="evaluate.whm.definition: 'splits' compares exactly two splits"):
-        parse(EvaluateConfig, "evaluate", {**repo_params()["evaluate"], "splits": ["test"]})
-    with pytest.raises(ParamsError, match=r"evaluate\.whm\.definition: Input should be 'splits' or 'recall_levels'"):
+        parse(EvaluateConfig, "evaluate", {**raw, "splits": ["test"], "whm": {**raw["whm"], "definition": "splits"}})
+    with pytest.raises(ParamsError, match=r"evaluate\.whm\.definition: Input should be 'auto', 'splits' or 'recall_levels'"):
         raw = repo_params()["evaluate"]
         parse(EvaluateConfig, "evaluate", {**raw, "whm": {**raw["whm"], "definition": "f1"}})
 

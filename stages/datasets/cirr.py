@@ -53,6 +53,9 @@ from stages.datasets.common import (
 from stages.common.errors import StageError
 from stages.datasets.download import DownloadConfig
 from stages.common.params import require, section
+from stages.datasets.evaluation import Evaluation
+
+EVALUATION = Evaluation(splits=("val",), protocols=("target",), ks=(1, 5, 10, 50))  # CIRR val (test1 has no targets)
 
 SPLITS = ("train", "val", "test1")
 

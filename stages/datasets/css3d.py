@@ -37,6 +37,9 @@ from stages.datasets.archives import download_and_extract, is_junk, not_in_archi
 from stages.datasets.common import MISSING_IMAGE, Ingest, check_count, write_ingest_report
 from stages.datasets.download import DownloadConfig, sha256_of
 from stages.common.params import require, section
+from stages.datasets.evaluation import Evaluation
+
+EVALUATION = Evaluation(splits=("test",), protocols=("caption",), ks=(1, 5, 10, 50))  # TIRG / GA on CSS3D
 
 ANNOTATION_FILE = "css_toy_dataset_novel2_small.dup.npy"
 DRIVE_URL = "https://drive.google.com/file/d/1wPqMw-HKmXUG2qTgYBiTNUnjz83hA2tY/view?usp=sharing"

@@ -57,6 +57,9 @@ from stages.datasets.common import (
 )
 from stages.datasets.download import DownloadConfig, sha256_of
 from stages.common.params import require, section
+from stages.datasets.evaluation import Evaluation
+
+EVALUATION = Evaluation(splits=("test",), protocols=("caption",), ks=(1, 10, 50))  # TIRG's Fashion200k table
 
 DRIVE_URL = "https://drive.google.com/drive/folders/0B4Eo9mft9jwoamlYWFZBSHFzV3c?resourcekey=0-2s7M82p8Bn7riqxWVlgctw"
 TEST_QUERIES_FILE = "test_queries.txt"

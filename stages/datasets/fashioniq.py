@@ -60,6 +60,9 @@ from stages.datasets.common import (
 )
 from stages.datasets.download import DownloadConfig, Item, Result, write_report
 from stages.common.params import require, section
+from stages.datasets.evaluation import Evaluation
+
+EVALUATION = Evaluation(splits=("val",), protocols=("fashioniq_val_union", "fashioniq_clip4cir"), ks=(10, 50))
 
 CATEGORIES = ("dress", "shirt", "toptee")
 SPLITS = ("train", "val", "test")

@@ -30,6 +30,9 @@ from stages.datasets import karpathy
 from stages.datasets.karpathy import OnMissing
 from stages.datasets.download import DownloadConfig
 from stages.common.params import section
+from stages.datasets.evaluation import Evaluation
+
+EVALUATION = Evaluation(splits=("test",))  # image-text matching: Flickr30K 1K
 
 DATASET = karpathy.Dataset(
     name="flickr30k",

@@ -43,6 +43,9 @@ from stages.datasets.archives import download_and_extract, not_in_archive_hint
 from stages.datasets.common import Ingest, listed, write_ingest_report
 from stages.datasets.download import DownloadConfig
 from stages.common.params import require, section
+from stages.datasets.evaluation import Evaluation
+
+EVALUATION = Evaluation(splits=("test",), protocols=("caption",), ks=(1, 5, 10))  # TIRG's MIT-States table
 
 PROJECT_URL = "http://web.mit.edu/phillipi/Public/states_and_transformations/index.html"
 # google/tirg datasets.py MITStates.__init__: the nouns of the test split.

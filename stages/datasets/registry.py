@@ -2,6 +2,8 @@
 
 An adapter is a module exposing
     Config                        a `@section` dataclass for its own params subsection `dataset.<name>`
+    EVALUATION                    how the dataset is scored (stages.datasets.evaluation.Evaluation): what
+                                  `evaluate`'s `auto` params become
     build(cfg, out_dir: Path, download: DownloadConfig)
                                   fetches what it needs into its `raw_dir` (real datasets), writes
                                   image files under `out_dir/images/` and returns the (images,

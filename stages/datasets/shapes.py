@@ -37,6 +37,9 @@ from stages.common.atomic import write_bytes, write_json
 from stages.datasets.manifest import IMAGES_SCHEMA, QUERIES_SCHEMA
 from stages.common.parallel import SERIAL, ParallelConfig, map_items
 from stages.common.params import ParamsError, require, section
+from stages.datasets.evaluation import Evaluation
+
+EVALUATION = Evaluation(splits=("test", "novel"), protocols=("target",), ks=(1, 5, 10, 50), whm_definition="splits")
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {

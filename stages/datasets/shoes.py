@@ -55,6 +55,9 @@ from stages.datasets.common import (
 )
 from stages.datasets.download import DownloadConfig
 from stages.common.params import require, section
+from stages.datasets.evaluation import Evaluation
+
+EVALUATION = Evaluation(splits=("test",), protocols=("target",), ks=(1, 10, 50))  # VAL's Shoes table
 
 PAIRS_FILE = "relative_captions_shoes.json"
 TRAIN_NAMES_FILE = "train_im_names.txt"

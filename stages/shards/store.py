@@ -192,6 +192,17 @@ def write_folds(shard_dir: Path, source: Path) -> dict[str, str]:
     return {"file": source.name, "sha256": file_sha256(target)}
 
 
+def write_evaluation(shard_dir: Path, source: Path) -> dict[str, str]:
+    """Check `source` is an evaluation declaration (stages.datasets.evaluation), copy it into `shard_dir`;
+    returns the index entry {file, sha256}."""
+    from stages.datasets import evaluation
+
+    evaluation.read(source)
+    target = shard_dir / source.name
+    write_bytes(target, source.read_bytes())
+    return {"file": source.name, "sha256": file_sha256(target)}
+
+
 # --- locations -----------------------------------------------------------------------------------
 
 
@@ -330,6 +341,15 @@ def read_folds(shard_dir: Path | str) -> dict[str, list[str]] | None:
     return None if entry is None else _parse_folds(_join(where, entry["file"]))
 
 
+def read_evaluation(shard_dir: Path | str) -> dict | None:
+    """The dataset's evaluation declaration if the shards carry one, else None."""
+    where = location(shard_dir)
+    entry = read_index(where).get("evaluation")
+    if entry is None:
+        return None
+    return _read_json(_join(where, entry["file"]), "did the shard stage run?")
+
+
 def verify(shard_dir: Path | str) -> None:
     """Recompute the sha256 of every shard (and of folds.json) and compare it with the index; raise
     naming the first bad file. For a URL location every file is downloaded (streamed) once."""
@@ -337,8 +357,9 @@ def verify(shard_dir: Path | str) -> None:
     index = read_index(where)
     checked = [(shard, "shard")
                for kinds in index["splits"].values() for kind in KINDS for shard in kinds[kind]["shards"]]
-    if "folds" in index:
-        checked.append((index["folds"], "file"))
+    for extra in ("folds", "evaluation"):
+        if extra in index:
+            checked.append((index[extra], "file"))
     for entry, what in checked:
         path = _join(where, entry["file"])
         try:
