@@ -37,6 +37,7 @@ from stages.retrieval.protocols import score
 from stages.retrieval.whm import whm_over_recall_levels, whm_over_splits
 from stages.common.device import DeviceName, pick_device
 from stages.common.cli import stage_parser
+from stages.common.validation import check_from
 
 MODES = ("composed", "image_only", "text_only")
 FLAT_PROTOCOLS = ("target", "caption")  # one recall per K: harmonic mean and WHM apply
@@ -199,12 +200,18 @@ def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateC
     return result
 
 
+def check_params(path) -> None:
+    """The `evaluate` params as written (`auto` values are resolved from the shards when the stage runs)."""
+    load(EvaluateConfig, "evaluate", path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "python -m stages.evaluate --model data/train/model.pt --shards data/shards "
                           "--out metrics/evaluate.json", "the metrics file (JSON)")
     parser.add_argument("--model", type=Path, nargs="+", required=True, help="one checkpoint, or several: an ensemble")
     parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     args = parser.parse_args(argv)
+    check_from("evaluate", args.params)
     cfg = load(EvaluateConfig, "evaluate", args.params)
     cfg = resolve(cfg, store.read_evaluation(args.shards), str(args.shards))
 

@@ -30,6 +30,7 @@ from stages.retrieval.offline_candidates import CANDIDATES_FILE, mine_candidates
 from stages.common.params import load, read_task, read_yaml, section
 from stages.common.device import DeviceName, pick_device
 from stages.common.cli import stage_parser
+from stages.common.validation import check_from
 
 PositiveInt = Annotated[int, Field(gt=0)]
 SKIPPED_FILE = "skipped.json"
@@ -46,12 +47,17 @@ class MineConfig:
     aoq_t2i_k: PositiveInt  # task matching: images kept per caption (AOQ: 400)
 
 
+def check_params(path) -> None:
+    load(MineConfig, "mine", path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "python -m stages.mine --model data/pretrain/model.pt --shards data/shards "
                           "--out data/mined", "output directory: negatives.parquet (task matching: candidates.npz)")
     parser.add_argument("--model", type=Path, required=True, help="the checkpoint that embeds, e.g. the pretrained one")
     parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     args = parser.parse_args(argv)
+    check_from("mine", args.params)
     cfg = load(MineConfig, "mine", args.params)
     if not read_yaml(args.params).get("train", {}).get("offline_negatives", True):
         with staged_dir(args.out) as work:

@@ -28,6 +28,7 @@ import pyarrow as pa
 from stages.datasets import manifest
 from stages.common.atomic import staged_dir
 from stages.common.errors import run_stage
+from stages.common.validation import check_from
 from stages.datasets import evaluation
 from stages.datasets.registry import ADAPTERS, load_adapter
 from stages.datasets.download import DownloadConfig
@@ -78,8 +79,15 @@ def build(params: DatasetParams, work: Path, download: DownloadConfig, parallel:
     return params.adapter.build(params.config, work, download)
 
 
+def check_params(params_path: Path | str = PARAMS_FILE) -> None:
+    load_dataset_params(params_path)
+    load(DownloadConfig, "download", params_path)
+    load(ParallelConfig, "parallel", params_path)
+
+
 def prepare(out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """Build the dataset into `out`; returns a one-line summary."""
+    check_from("prepare", params_path)
     params = load_dataset_params(params_path)
     download = load(DownloadConfig, "download", params_path)
     parallel = load(ParallelConfig, "parallel", params_path)

@@ -29,11 +29,27 @@ from stages.training.loop import LoopConfig, compile_model, fingerprint, fit, ou
 from stages.training.selection import validator
 from stages.common.device import pick_device, place_model
 from stages.common.cli import stage_parser
+from stages.common.validation import check_from
 
 
 def image_size_of(shard_dir: Path, split: str) -> int:
     first = next(store.iter_gallery(shard_dir, split))
     return decode_image(first[2]).shape[-1]
+
+
+def check_params(path) -> None:
+    """Every `pretrain` param and how they fit together (also run by the stages before it)."""
+    model_cfg, cfg = load(ModelConfig, "model", path), load(LoopConfig, "pretrain", path)
+    loss_cfg, ga, task = load(LossConfig, "loss", path), load(GAConfig, "ga", path), read_task(path)
+    model_cfg.check_task(task)
+    loss_cfg.check_model(model_cfg.name, cfg.batch_size, "pretrain")
+    check_ga_task(ga, task)
+    check_pair_sampling(cfg, task, "pretrain")
+    if cfg.steps == 0:
+        raise ParamsError(f"{path}: pretrain.steps: must be > 0 (train.steps may be 0)")
+    if cfg.selection != "last" and task != "matching":
+        raise ParamsError(f"{path}: pretrain.selection: {cfg.selection} scores image-text matching, task is "
+                          f"{task!r}; use last")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,16 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    check_from("pretrain", args.params)
     model_cfg, cfg = load(ModelConfig, "model", args.params), load(LoopConfig, "pretrain", args.params)
     if (code := distributed.relaunch_under_torchrun(cfg.distributed, "stages.pretrain", argv)) is not None:
         sys.exit(code)
     loss_cfg, ga, task = load(LossConfig, "loss", args.params), load(GAConfig, "ga", args.params), read_task(args.params)
-    model_cfg.check_task(task)
-    loss_cfg.check_model(model_cfg.name, cfg.batch_size, "pretrain")
-    check_ga_task(ga, task)
-    check_pair_sampling(cfg, task, "pretrain")
-    if cfg.steps == 0:
-        raise ParamsError(f"{args.params}: pretrain.steps: must be > 0 (train.steps may be 0)")
 
     store.read_index(args.shards)
     seed_everything(cfg.seed)

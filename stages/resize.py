@@ -34,6 +34,7 @@ from PIL import Image, ImageFile
 from pydantic import Field
 from typing_extensions import Annotated
 
+from stages.common.validation import check_from
 from stages.datasets import captions, evaluation, manifest
 from stages.common.atomic import staged_dir, write_bytes, write_json
 from stages.common.errors import StageError, run_stage
@@ -289,8 +290,14 @@ def run_resize(input_dir: Path | str, output_dir: Path | str, cfg: ResizeConfig,
     )
 
 
+def check_params(params_path: Path | str = PARAMS_FILE) -> None:
+    load(ResizeConfig, "resize", params_path)
+    load(ParallelConfig, "parallel", params_path)
+
+
 def resize(input_dir: Path | str, output_dir: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """The stage: read `resize` and `parallel` params, run, return the one-line summary."""
+    check_from("resize", params_path)
     cfg = load(ResizeConfig, "resize", params_path)
     parallel = load(ParallelConfig, "parallel", params_path)
     return run_resize(input_dir, output_dir, cfg, parallel).line(output_dir)

@@ -28,6 +28,7 @@ import pyarrow as pa
 from pydantic import Field
 from typing_extensions import Annotated
 
+from stages.common.validation import check_from
 from stages.datasets import captions, evaluation, manifest
 from stages.shards import store
 from stages.common.atomic import staged_dir, write_json
@@ -222,8 +223,14 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig,
     return Summary(index["splits"], megabytes, time.perf_counter() - start)
 
 
+def check_params(params_path: Path | str = PARAMS_FILE) -> None:
+    load(ShardConfig, "shard", params_path)
+    load(ParallelConfig, "parallel", params_path)
+
+
 def shard(input_dir: Path | str, output_dir: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """The stage: read `shard` and `parallel` params, run, return the one-line summary."""
+    check_from("shard", params_path)
     cfg = load(ShardConfig, "shard", params_path)
     parallel = load(ParallelConfig, "parallel", params_path)
     return run_shard(input_dir, output_dir, cfg, parallel).line(output_dir)

@@ -31,7 +31,7 @@ from stages.retrieval.rerank import SIAM_FILE
 from stages.training.siam import build_siam, save_siam, siam_step
 from stages.retrieval.offline_candidates import CANDIDATES_FILE
 from stages.retrieval.negatives import NEGATIVES_FILE, read_negatives
-from stages.modeling.factory import as_vector, load_model, save_model
+from stages.modeling.factory import ModelConfig, as_vector, load_model, save_model
 from stages.training.objectives import (
     GAConfig,
     LossConfig,
@@ -46,6 +46,7 @@ from stages.training.loop import LoopConfig, compile_model, file_digest, fingerp
 from stages.training.selection import validator
 from stages.common.device import autocast, pick_device, place_model, to_device
 from stages.common.cli import stage_parser
+from stages.common.validation import check_from
 
 
 @section
@@ -78,6 +79,21 @@ class NegativeSampler:
         return torch.stack(picked)
 
 
+def check_params(path) -> None:
+    """Every `train` param and how they fit the `model` and `loss` params (also run by the stages before it)."""
+    cfg, loss_cfg = load(TrainConfig, "train", path), load(LossConfig, "loss", path)
+    ga, task = load(GAConfig, "ga", path), read_task(path)
+    check_ga_task(ga, task)
+    check_pair_sampling(cfg, task, "train")
+    loss_cfg.check_model(load(ModelConfig, "model", path).name, cfg.batch_size, "train")
+    if cfg.siam_steps and cfg.distributed.nproc_per_node > 1:
+        raise ParamsError(f"{path}: train.siam_steps: SIAM trains in one process; "
+                          "set train.distributed.nproc_per_node to 1 or train.siam_steps to 0")
+    if cfg.selection != "last" and task != "matching":
+        raise ParamsError(f"{path}: train.selection: {cfg.selection} scores image-text matching, task is "
+                          f"{task!r}; use last")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "python -m stages.train --init data/pretrain/model.pt --shards data/shards "
                           "--mined data/mined --out data/train --metrics metrics/train.json",
@@ -88,13 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    check_from("train", args.params)
     cfg, loss_cfg = load(TrainConfig, "train", args.params), load(LossConfig, "loss", args.params)
     ga, task = load(GAConfig, "ga", args.params), read_task(args.params)
-    check_ga_task(ga, task)
-    check_pair_sampling(cfg, task, "train")
-    if cfg.siam_steps and cfg.distributed.nproc_per_node > 1:
-        raise ParamsError(f"{PARAMS_FILE}: train.siam_steps: SIAM trains in one process; "
-                          "set train.distributed.nproc_per_node to 1 or train.siam_steps to 0")
     if (code := distributed.relaunch_under_torchrun(cfg.distributed, "stages.train", argv)) is not None:
         sys.exit(code)
 

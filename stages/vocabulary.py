@@ -25,6 +25,7 @@ from typing_extensions import Annotated
 from stages.shards import store
 from stages.common.atomic import atomic_path, staged_dir, write_json
 from stages.common.errors import StageError, run_stage
+from stages.common.validation import check_from
 from stages.modeling.glove import read_glove
 from stages.common.params import PARAMS_FILE, load, section
 from stages.common.cli import stage_parser
@@ -84,8 +85,13 @@ def line(summary: dict[str, Any], cfg: VocabularyConfig, out: Path | str) -> str
             f"{summary['split']} texts{glove} -> {Path(out) / VOCAB_FILE}")
 
 
+def check_params(params_path: Path | str = PARAMS_FILE) -> None:
+    load(VocabularyConfig, "vocabulary", params_path)
+
+
 def vocabulary(shard_dir: Path | str, out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """The stage: read `vocabulary` params, build, return the one-line summary."""
+    check_from("vocabulary", params_path)
     cfg = load(VocabularyConfig, "vocabulary", params_path)
     return line(build(shard_dir, out, cfg), cfg, out)
 

@@ -100,3 +100,21 @@ def test_gradient_augmentation_switches_on_from_params(tiny_repo):
     assert stages_run(result.stdout) == ["pretrain", "mine", "train", "evaluate"], result.stdout
     logged = (tiny_repo / "data/pretrain/live/plots/metrics/ga_adversarial.tsv").read_text().splitlines()
     assert len(logged) > 1 and all(float(row.split("\t")[-1]) > 0 for row in logged[1:])
+
+
+def test_a_bad_evaluate_key_stops_the_first_stage_that_runs(tiny_repo):
+    """Every stage checks the params of the stages after it: a bad `evaluate` value fails `pretrain` at its start,
+    before any training, and names the key."""
+    tiny_repo, _ = tiny_repo
+    set_param(tiny_repo, "pretrain", "lr", 0.02)  # pretrain is the first stage to re-run
+    set_param(tiny_repo, "evaluate", "ks", [10, 1])
+    try:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        result = subprocess.run(["dvc", "repro"], cwd=tiny_repo, env=env, capture_output=True, text=True)
+    finally:
+        set_param(tiny_repo, "evaluate", "ks", [1, 5, 10])
+        set_param(tiny_repo, "pretrain", "lr", 0.01)
+    assert result.returncode != 0
+    assert "params.yaml: evaluate.ks: must be increasing and non-empty" in result.stdout + result.stderr
+    assert "Running stage 'pretrain'" in result.stdout
+    assert "Running stage 'mine'" not in result.stdout and not list(tiny_repo.glob("data/.pretrain.partial-*/live"))
