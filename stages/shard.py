@@ -217,6 +217,7 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig,
         if (input_dir / captions.FOLDS_FILE).exists():
             index["folds"] = store.write_folds(work, input_dir / captions.FOLDS_FILE)
         if (input_dir / evaluation.EVALUATION_FILE).exists():
+            evaluation.read(input_dir / evaluation.EVALUATION_FILE)
             index["evaluation"] = store.write_evaluation(work, input_dir / evaluation.EVALUATION_FILE)
         write_json(work / store.INDEX_FILE, index)
         megabytes = total_megabytes(work, index["splits"])
