@@ -188,3 +188,24 @@ def test_whm_over_recall_levels_is_a_weighted_harmonic_mean():
     assert whm_over_recall_levels([0.0, 50.0], [1.0, 1.0]) == 0.0
     with pytest.raises(ValueError, match="2 recall levels but 1 weights"):
         whm_over_recall_levels([20.0, 50.0], [1.0])
+
+
+def test_block_scores_falls_back_to_matmul_when_the_private_op_is_missing_or_wrong(monkeypatch, caplog):
+    from stages.retrieval import topk
+
+    g = torch.Generator().manual_seed(5)
+    q, x = torch.randn(9, 16, generator=g), torch.randn(11, 16, generator=g)
+    expected = q @ x.T
+    topk.onednn_usable.cache_clear()
+    if torch.backends.mkldnn.is_available():
+        assert topk.onednn_usable()  # on this build the op exists and agrees
+    for broken, message in ((lambda a, b: (_ for _ in ()).throw(RuntimeError("no such op")), "is unusable here"),
+                            (lambda a, b: a @ b.T + 1.0, "differs from `@`")):
+        monkeypatch.setattr(topk, "_onednn_inner_product", broken)
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+        topk.onednn_usable.cache_clear()
+        with caplog.at_level("WARNING", logger="stages.retrieval.topk"):
+            assert torch.allclose(topk.block_scores(q, x), expected)
+        assert message in caplog.text
+        caplog.clear()
+    topk.onednn_usable.cache_clear()

@@ -5,7 +5,12 @@ per query, so a Q x G matrix never sits in memory at once (peak memory: one bloc
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Columns of a block are scanned in groups of this many: one max per group tells which groups can hold a
 # score above a bound on the query's k-th best. Few do, so the per-block cost is about one reduction pass
@@ -21,12 +26,35 @@ QUERY_CHUNK = 1024
 GALLERY_CHUNK = 2048
 
 
+def _onednn_inner_product(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(queries.contiguous(), gallery.contiguous(), None, "none", [], "")
+
+
+@functools.cache
+def onednn_usable() -> bool:
+    """Whether the private oneDNN op exists here and agrees with `@` on a small block (checked once per process).
+    It is not public API: a torch build without it, or with another signature, falls back to `@`, saying so once."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    q, x = torch.randn(37, 24, generator=g), torch.randn(53, 24, generator=g)
+    try:
+        agrees = torch.allclose(_onednn_inner_product(q, x), q @ x.T, rtol=1e-4, atol=1e-4)
+    except (RuntimeError, AttributeError, TypeError) as err:
+        logger.warning("block_scores: torch.ops.mkldnn._linear_pointwise is unusable here (%s); using `@`", err)
+        return False
+    if not agrees:
+        logger.warning("block_scores: torch.ops.mkldnn._linear_pointwise differs from `@` on a test block; using `@`")
+    return agrees
+
+
 def block_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     """queries @ gallery.T in float32. On the CPU through oneDNN's inner product (the op torch.compile's
     CPU backend emits for linear layers): about twice the rate of torch's `@` (MKL sgemm) on the project's
-    AMD CPU, measured by benchmarks/bench_topk.py. Elsewhere torch's matmul (cuBLAS on CUDA)."""
-    if queries.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        return torch.ops.mkldnn._linear_pointwise(queries.contiguous(), gallery.contiguous(), None, "none", [], "")
+    AMD CPU, measured by benchmarks/bench_topk.py, when `onednn_usable()`. Elsewhere torch's matmul (cuBLAS on
+    CUDA)."""
+    if queries.device.type == "cpu" and onednn_usable():
+        return _onednn_inner_product(queries, gallery)
     return queries @ gallery.T
 
 
