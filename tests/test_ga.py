@@ -141,20 +141,32 @@ def test_isotropic_mode_is_checked():
 
 
 def released_tirg_lastconv_names() -> list[str]:
-    """model.named_parameters() of the GA release's TIRGLastConv, in order (fuxianghuang1/GA
-    img_text_composition_models.py: the base class registers normalization_layer, then img_model = ResNet-18 with
-    fc = Sequential(Linear); text_model.py TextLSTMModel: embedding_layer, lstm, fc_output = (Dropout, Linear);
-    then a, mod2d, mod2d_gate = (BatchNorm2d, Conv2d, ReLU, Conv2d))."""
+    """model.named_parameters() of the GA release's TIRGLastConv, in order, from a module laid out as the release's
+    (fuxianghuang1/GA img_text_composition_models.py: the base class registers normalization_layer, then img_model =
+    ResNet-18 with fc = Sequential(Linear), text_model (text_model.py TextLSTMModel: embedding_layer, lstm,
+    fc_output = (Dropout, Linear)); TIRGLastConv then a, mod2d, mod2d_gate = (BatchNorm2d, Conv2d, ReLU, Conv2d)).
+    PyTorch yields a module's own parameters before its children's, so `a` comes first although it is registered
+    after three children (the release's class itself, run beside this repo, lists the same 83 names)."""
     import torchvision
+    from torch import nn
 
-    resnet = torchvision.models.resnet18(weights=None)
-    names = ["normalization_layer.norm_s"]
-    names += [f"img_model.{n}" for n, _ in resnet.named_parameters() if not n.startswith("fc.")]
-    names += ["img_model.fc.0.weight", "img_model.fc.0.bias", "text_model.embedding_layer.weight"]
-    names += [f"text_model.lstm.{n}" for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")]
-    names += ["text_model.fc_output.1.weight", "text_model.fc_output.1.bias", "a"]
-    stack = ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
-    return names + [f"mod2d.{s}" for s in stack] + [f"mod2d_gate.{s}" for s in stack]
+    class Layout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalization_layer = nn.Module()
+            self.normalization_layer.norm_s = nn.Parameter(torch.ones(1))
+            self.img_model = torchvision.models.resnet18(weights=None)
+            self.img_model.fc = nn.Sequential(nn.Linear(512, 512))
+            self.text_model = nn.Module()
+            self.text_model.embedding_layer = nn.Embedding(20, 512)
+            self.text_model.lstm = nn.LSTM(512, 512)
+            self.text_model.fc_output = nn.Sequential(nn.Dropout(0.1), nn.Linear(512, 512))
+            self.a = nn.Parameter(torch.tensor([1.0, 10.0, 1.0, 1.0]))
+            stack = lambda: nn.Sequential(nn.BatchNorm2d(1024), nn.Conv2d(1024, 1024, 3), nn.ReLU(),  # noqa: E731
+                                          nn.Conv2d(1024, 512, 3))
+            self.mod2d, self.mod2d_gate = stack(), stack()
+
+    return [name for name, _ in Layout().named_parameters()]
 
 
 RELEASE_TO_CIRFLOW = [("normalization_layer.norm_s", "normalize.scale"), ("img_model.fc.0.", "image_fc."),
@@ -181,17 +193,18 @@ def test_as_released_isotropic_weights_follow_the_released_parameter_order():
         return name
 
     released = [renamed(n) for n in released_tirg_lastconv_names()]
+    assert released[:2] == ["a", "normalize.scale"] and len(released) == 83
     assert [n for n, _ in parameter_order(model, "as_released")] == released
     own = [n for n, _ in model.named_parameters()]
     assert own[-1] == "normalize.scale" and own != released  # cirflow registers the scale last: order matters
 
-    # the scale is the release's first tensor: w_1 = P, and its ξ is the generator's first draw
+    # a is the release's first tensor (w_1 = P, the generator's first draw), the scale its second (w_2 = P - 1)
     with torch.no_grad():
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
     isotropic_gradient_noise(model, weight=0.01, mode="as_released", generator=torch.Generator().manual_seed(3))
-    xi = torch.randn((), generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    xi_a, xi_scale = torch.randn(4, generator=generator), torch.randn((), generator=generator)
     P = len(released)
-    assert torch.allclose(model.normalize.scale.grad, P * 0.01 * (xi + 1))
-    a_weight = P - released.index("a")
-    assert a_weight < P and model.a.grad.abs().sum() > 0
+    assert torch.allclose(model.a.grad, P * 0.01 * (xi_a + 1) / 4)
+    assert torch.allclose(model.normalize.scale.grad, (P - 1) * 0.01 * (xi_scale + 1))

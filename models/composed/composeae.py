@@ -64,10 +64,11 @@ class ComplexProjection(nn.Module):
 
 
 class ComposeAE(nn.Module):
-    # The release's named_parameters() order (GA img_text_composition_models.py ComposeAE): normalization_layer,
-    # img_model, text_model, a, encoderLinear (ComplexProjectionModule: bert_features = γ, then image_features = η;
+    # The release's named_parameters() order (GA img_text_composition_models.py ComposeAE): its own `a` first (PyTorch
+    # yields a module's own parameters before its children's), then normalization_layer, img_model, text_model,
+    # encoderLinear (ComplexProjectionModule: bert_features = γ, then image_features = η;
     # LinearMapping = ρ), encoderWithConv (γ, η; ConvMapping: mapping = ρ_conv's head, then conv), decoder, txtdecoder.
-    RELEASED_PARAMETER_ORDER = ("normalize", "image_encoder", "text_encoder", "a", "projection_linear.gamma",
+    RELEASED_PARAMETER_ORDER = ("a", "normalize", "image_encoder", "text_encoder", "projection_linear.gamma",
                                 "projection_linear.eta", "rho", "projection_conv.gamma", "projection_conv.eta",
                                 "rho_conv_head", "conv", "image_decoder", "text_decoder")
 

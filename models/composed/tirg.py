@@ -24,8 +24,9 @@ class NormalizationLayer(nn.Module):
 
 class TIRG(nn.Module):
     # GA's isotropic noise, as_released, weighs tensors in the release's named_parameters() order
-    # (fuxianghuang1/GA img_text_composition_models.py TIRG: normalization_layer first, in the base class)
-    RELEASED_PARAMETER_ORDER = ("normalize", "image_encoder", "text_encoder", "a", "gate", "residual")
+    # (fuxianghuang1/GA img_text_composition_models.py TIRG): its own `a` first (PyTorch yields a module's own
+    # parameters before its children's), then normalization_layer, img_model, text_model, the two composers
+    RELEASED_PARAMETER_ORDER = ("a", "normalize", "image_encoder", "text_encoder", "gate", "residual")
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int, norm_scale: float):
         super().__init__()

@@ -29,9 +29,10 @@ def _conv_stack(merged: int, channels: int) -> nn.Sequential:
 
 
 class TIRGLastConv(nn.Module):
-    # The release's named_parameters() order (GA img_text_composition_models.py TIRGLastConv): normalization_layer,
-    # img_model (conv1 .. layer4, then fc), text_model, a, mod2d, mod2d_gate. GA's as_released isotropic noise reads it.
-    RELEASED_PARAMETER_ORDER = ("normalize", "feature_extractor", "image_fc", "text_encoder", "a", "residual", "gate")
+    # The release's named_parameters() order (GA img_text_composition_models.py TIRGLastConv): its own `a` first
+    # (PyTorch yields a module's own parameters before its children's), then normalization_layer, img_model (conv1 ..
+    # layer4, then fc), text_model, mod2d, mod2d_gate. GA's as_released isotropic noise reads it.
+    RELEASED_PARAMETER_ORDER = ("a", "normalize", "feature_extractor", "image_fc", "text_encoder", "residual", "gate")
 
     def __init__(self, feature_extractor: nn.Module, image_fc: nn.Module, text_encoder: nn.Module,
                  channels: int, text_dim: int, norm_scale: float):
