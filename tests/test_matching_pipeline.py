@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from tiny_repo import make_tiny_repo, run
+from tiny_repo import make_tiny_repo, merge, run
 
 MATCHING = {
     "task": "matching",
@@ -26,10 +26,7 @@ MATCHING = {
 def switch_to_matching(repo, **loss) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in MATCHING.items():
-        if isinstance(values, dict):
-            params[section].update(values)
-        else:
-            params[section] = values
+        params[section] = merge(params[section], values) if isinstance(values, dict) else values
     params["loss"].update(loss)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

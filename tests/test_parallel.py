@@ -2,6 +2,7 @@
 cluster (through Prefect) and on a running Dask scheduler as in one process; a failing item is named, never hangs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -169,7 +170,12 @@ def test_planned_shards_are_the_shards_shardwriter_writes(serial_run, tmp_path, 
                                        shard.query_samples(queries_of[split], path_of, resized), maxcount, maxsize),
     } for split in splits}}
     planned = tree(tmp_path / "planned")
-    assert json.loads(planned.pop("index.json")) == index
+    planned_index = json.loads(planned.pop("index.json"))
+    # the dataset's evaluation declaration is copied beside the shards unchanged (not part of the streamed tars)
+    entry, declared = planned_index.pop("evaluation"), planned.pop("evaluation.json")
+    assert declared == (resized / "evaluation.json").read_bytes()
+    assert entry == {"file": "evaluation.json", "sha256": hashlib.sha256(declared).hexdigest()}
+    assert planned_index == index
     assert planned == tree(tmp_path / "stream")
 
 

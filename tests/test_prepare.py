@@ -120,7 +120,7 @@ def test_every_registered_adapter_has_config_and_build():
 
 def test_unknown_adapter_lists_the_known_ones():
     known = ", ".join(sorted(ADAPTERS))
-    assert known == "cirr, coco, css3d, fashion200k, fashioniq, flickr30k, mitstates, shapes, shoes"
+    assert known == "cirr, coco, css3d, fashion200k, fashioniq, flickr30k, mitstates, shapes, shapes_captions, shoes"
     with pytest.raises(ParamsError, match=rf"dataset\.name: unknown dataset 'imagenet'; known adapters: {known}"):
         load_adapter("imagenet")
 
