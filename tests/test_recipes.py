@@ -31,19 +31,27 @@ def with_recipe(name: str) -> dict:
     return params
 
 
+def checked(name: str):
+    """(params, model, pretrain, train, ga) of a recipe, each section parsed and checked as the stages do."""
+    params = with_recipe(name)
+    model = parse(ModelConfig, "model", params["model"])
+    loss = parse(LossConfig, "loss", params["loss"])
+    pretrain = parse(LoopConfig, "pretrain", params["pretrain"])
+    train = parse(TrainConfig, "train", params["train"])
+    ga = parse(GAConfig, "ga", params["ga"])
+    model.check_task(params["task"])
+    loss.check_model(model.name, pretrain.batch_size, "pretrain")
+    check_ga_task(ga, params["task"])
+    return params, model, pretrain, train, ga
+
+
 def test_every_method_has_its_recipe():
     assert set(recipes.names()) == EXPECTED | MATCHING
 
 
 @pytest.mark.parametrize("name", sorted(MATCHING))
 def test_each_matching_recipe_is_valid_and_spends_the_same_budget(name):
-    params = with_recipe(name)
-    model = parse(ModelConfig, "model", params["model"])
-    loss = parse(LossConfig, "loss", params["loss"])
-    pretrain = parse(LoopConfig, "pretrain", params["pretrain"])
-    train = parse(TrainConfig, "train", params["train"])
-    model.check_task(params["task"])
-    loss.check_model(model.name, pretrain.batch_size, "pretrain")
+    params, model, pretrain, train, _ = checked(name)
     assert params["task"] == "matching" and params["dataset"]["name"] == "shapes_captions"
     assert train.offline_negatives == name.startswith("vse_aoq")
     assert (train.siam_steps > 0) == name.endswith("siam")
@@ -58,15 +66,7 @@ def test_each_matching_recipe_is_valid_and_spends_the_same_budget(name):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_recipe_is_a_valid_configuration_without_offline_negatives(name):
-    params = with_recipe(name)
-    model = parse(ModelConfig, "model", params["model"])
-    loss = parse(LossConfig, "loss", params["loss"])
-    pretrain = parse(LoopConfig, "pretrain", params["pretrain"])
-    train = parse(TrainConfig, "train", params["train"])
-    ga = parse(GAConfig, "ga", params["ga"])
-    model.check_task(params["task"])
-    loss.check_model(model.name, pretrain.batch_size, "pretrain")
-    check_ga_task(ga, params["task"])
+    params, model, pretrain, train, ga = checked(name)
     assert not train.offline_negatives and train.steps == 0 and pretrain.steps > 0
     assert model.name == name.removesuffix("_ga")
     assert (ga.adversarial and ga.isotropic) == name.endswith("_ga")
