@@ -8,6 +8,7 @@ only parse: they are not DVC params of the stage that runs them, so they never m
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import yaml
@@ -15,15 +16,28 @@ import yaml
 from stages.common.params import PARAMS_FILE
 
 
-def stage_order(params_path: Path | str = PARAMS_FILE) -> list[str]:
-    """The stages of the dvc.yaml beside the params file, in its order (the graph's order)."""
+_STAGE_MODULE = re.compile(r"\bpython3?(?:\.\d+)?\s+-m\s+stages\.(\w+)")
+
+
+def stage_order(params_path: Path | str = PARAMS_FILE) -> list[tuple[str, str | None]]:
+    """(stage name, the cirflow stage module its cmd runs, or None) for each stage of the dvc.yaml beside the
+    params file, in its order (the graph's order). A stage a user adds (plots, an export) runs no cirflow module."""
     dvc_yaml = Path(params_path).resolve().parent / "dvc.yaml"
-    return list(yaml.safe_load(dvc_yaml.read_text())["stages"]) if dvc_yaml.is_file() else []
+    if not dvc_yaml.is_file():
+        return []
+    order = []
+    for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        cmds = stage.get("cmd", "") if isinstance(stage, dict) else ""
+        match = _STAGE_MODULE.search(" ".join(cmds) if isinstance(cmds, list) else str(cmds))
+        order.append((name, match.group(1) if match else None))
+    return order
 
 
 def check_from(stage: str, params_path: Path | str = PARAMS_FILE) -> None:
-    """Run `check_params` of `stage` and of every stage after it; raises the first ParamsError."""
+    """Run `check_params` of `stage` and of every cirflow stage after it; raises the first ParamsError."""
     order = stage_order(params_path)
-    for name in order[order.index(stage):] if stage in order else [stage]:
-        module = importlib.import_module(f"stages.{name}")
-        module.check_params(params_path)
+    names = [name for name, _ in order]
+    later = order[names.index(stage):] if stage in names else [(stage, stage)]
+    for _, module_name in later:
+        if module_name is not None:
+            importlib.import_module(f"stages.{module_name}").check_params(params_path)
