@@ -24,7 +24,7 @@ import dataclasses
 import itertools
 import time
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import yaml
 from prefect import flow, task
@@ -107,24 +107,41 @@ def run_experiment(root: str, name: str, assignment: dict[str, str], labels: dic
 
 
 @flow(name="cirflow-sweep", log_prints=True)
-def sweep(grid: Grid, root: str = ".", out: str | None = None, parallel: int | None = None) -> list[dict]:
+def sweep(grid: Grid, root: str = ".", out: str | None = None, parallel: int | None = None,
+          resume: bool = False) -> list[dict]:
     """Run every combination of `grid` as a DVC experiment, `parallel` (default `orchestration.parallel`) at a
-    time; returns one row per experiment."""
+    time; returns one row per experiment. The CSV is rewritten as each experiment ends, so a sweep that dies keeps
+    what it finished; with `resume`, the points that a CSV at `out` already holds as done are not run again."""
     cfg = load_orchestration(Path(root))
     if parallel is not None:
         if parallel < 1:
             raise ValueError(f"--parallel {parallel}: must be at least 1")
         cfg = dataclasses.replace(cfg, parallel=parallel)
+    if resume and out is None:
+        raise ValueError("--resume needs --out: the CSV of the sweep to resume")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    jobs = [(f"sweep-{stamp}-{i:02d}", point) for i, point in enumerate(combinations(grid))]
-    rows = [future.result() for future in _at_most(cfg.parallel, [
+    out_path = Path(root) / (out or f"sweeps/sweep-{stamp}.csv")
+    kept = [row for row in read_csv(out_path) if row.get("status") == "done"] if resume and out_path.exists() else []
+    points = [point for point in combinations(grid) if not any(_holds(row, *point) for row in kept)]
+    if kept:
+        print(f"sweep: resuming {out_path}: {len(kept)} experiments done before, {len(points)} to run")
+    rows = list(kept)
+
+    def finished(future) -> None:
+        row = future.result()
+        if row["status"] == "done":  # params.* and <metrics file>.* from DVC; the grid's own columns stay as given
+            row.update({k: v for k, v in experiment_rows(Path(root), {row["experiment"]}).get(
+                row["experiment"], {}).items() if k not in row})
+        rows.append(row)
+        write_csv(out_path, rows)
+
+    jobs = [(f"sweep-{stamp}-{i:02d}", point) for i, point in enumerate(points)]
+    _at_most(cfg.parallel, [
         (lambda name=name, labels=labels, assignment=assignment:
          run_experiment.with_options(task_run_name=name).submit(root, name, assignment, labels))
-        for name, (labels, assignment) in jobs])]
-    shown = experiment_rows(Path(root), {row["experiment"] for row in rows if row["status"] == "done"})
-    for row in rows:  # the grid's own columns stay as given; params.* and <metrics file>.* come from DVC
-        row.update({k: v for k, v in shown.get(row["experiment"], {}).items() if k not in row})
-    out_path = Path(root) / (out or f"sweeps/sweep-{stamp}.csv")
+        for name, (labels, assignment) in jobs], on_done=finished)
+    order = {name: i for i, (name, _) in enumerate(jobs)}
+    rows = kept + sorted(rows[len(kept):], key=lambda row: order[row["experiment"]])
     write_csv(out_path, rows)
     create_table_artifact(key="cirflow-sweep", table=rows, description=f"sweep {stamp}: {len(rows)} experiments")
     failed = [row["experiment"] for row in rows if row["status"] == "failed"]
@@ -132,19 +149,45 @@ def sweep(grid: Grid, root: str = ".", out: str | None = None, parallel: int | N
     return rows
 
 
-def _at_most(parallel: int, starts: list) -> list:
+def _holds(row: dict, labels: dict[str, str], assignment: dict[str, str]) -> bool:
+    """Whether a CSV row is the experiment of this grid point (its labels and params, as the CSV wrote them)."""
+    return all(str(row.get(k)) == str(v) for k, v in {**labels, **assignment}.items())
+
+
+def _at_most(parallel: int, starts: list, on_done: Callable | None = None) -> list:
     """Call each `start()` (which submits a task and returns its future) in order, with at most `parallel` futures
-    unfinished at a time: a slot frees as soon as any experiment ends. Returns the futures in the order given."""
+    unfinished at a time: a slot frees as soon as any experiment ends, and `on_done(future)` is called for each as
+    it ends. Returns the futures in the order given, once all have ended."""
     futures, running = [], []
+
+    def reap() -> None:
+        nonlocal running
+        still = []
+        for f in running:
+            if f.state.is_final():
+                if on_done is not None:
+                    on_done(f)
+            else:
+                still.append(f)
+        running = still
+
     for start in starts:
+        reap()
         while len(running) >= parallel:
-            running = [f for f in running if not f.state.is_final()]
-            if len(running) >= parallel:
-                time.sleep(1)
+            time.sleep(1)
+            reap()
         future = start()
         futures.append(future)
         running.append(future)
+    while running:
+        time.sleep(0.2)
+        reap()
     return futures
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -163,11 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=Path, help="YAML file: param -> list of values")
     parser.add_argument("--root", default=".", help="the DVC repository (default: here)")
     parser.add_argument("--out", help="CSV path relative to the root (default: sweeps/sweep-<time>.csv)")
+    parser.add_argument("--resume", action="store_true", help="keep the experiments that the CSV at --out holds as "
+                        "done and run only the rest (the CSV is rewritten as each experiment ends)")
     parser.add_argument("--parallel", type=int, help="experiments at once (default: orchestration.parallel); on a "
                         "small CPU give each one thread: OMP_NUM_THREADS=1")
     args = parser.parse_args(argv)
     grid = parse_grid(args.sets, args.grid)
-    rows = sweep(grid=grid, root=args.root, out=args.out, parallel=args.parallel)
+    rows = sweep(grid=grid, root=args.root, out=args.out, parallel=args.parallel, resume=args.resume)
     for row in rows:
         print(f"{row['experiment']}  {row['status']:<6}  " + "  ".join(f"{k}={row[k]}" for k in grid if k in row))
 

@@ -176,6 +176,23 @@ def test_a_failing_experiment_is_listed_and_the_others_complete(tiny):
     assert done["status"] == "done" and "evaluate.composed.test.target.r10" in done
 
 
+def test_a_resumed_sweep_keeps_the_done_rows_of_its_csv_and_runs_only_the_rest(tiny):
+    out = tiny / "sweeps/resume.csv"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("experiment,status,seconds,train.lr,error,evaluate.composed.test.target.r1\n"
+                   "sweep-earlier-00,done,1.0,0.01,,12.5\n"
+                   "sweep-earlier-01,failed,1.0,0.05,some error,\n")
+    rows = sweep(grid={"train.lr": ["0.01", "0.05"]}, root=str(tiny), out="sweeps/resume.csv", resume=True)
+    assert [(r["experiment"], r["train.lr"]) for r in rows][0] == ("sweep-earlier-00", "0.01")
+    assert rows[0]["evaluate.composed.test.target.r1"] == "12.5"  # kept as the CSV had it, not run again
+    assert len(rows) == 2 and rows[1]["train.lr"] == "0.05" and rows[1]["status"] == "done"  # the failed one re-ran
+    assert rows[1]["experiment"].startswith("sweep-2") and "evaluate.composed.test.target.r10" in rows[1]
+    with open(out) as f:
+        assert [r["train.lr"] for r in csv.DictReader(f)] == ["0.01", "0.05"]
+    with pytest.raises(ValueError, match="--resume needs --out"):
+        sweep.fn(grid={"train.lr": ["0.01"]}, root=str(tiny), resume=True)
+
+
 def test_report_tables_the_sweep_from_its_csv_alone(tiny, tmp_path, capsys, monkeypatch):
     """Runs after the 2x2 sweep above: its four experiments, one table row each, numbers as DVC had them when the
     sweep wrote the CSV; read from a copy of the CSV in a folder that is no DVC repository (a clean clone's view)."""
@@ -271,8 +288,12 @@ def test_at_most_n_experiments_run_at_once_and_a_slot_frees_when_any_ends():
         def state(self):
             return type("State", (), {"is_final": lambda _: clock.monotonic() >= self.end})()
 
-    futures = _at_most(2, [lambda s=s: Future(s) for s in (3.0, 0.1, 0.1, 0.1)])
+    ended = []
+    futures = _at_most(2, [lambda s=s: Future(s) for s in (3.0, 0.1, 0.1, 0.1)],
+                       on_done=lambda f: ended.append((f, clock.monotonic())))
     assert len(futures) == 4
+    # on_done once for each, after it ended, the long one last (the CSV is written as each experiment ends)
+    assert [f for f, _ in ended] == futures[1:] + futures[:1] and all(at >= f.end for f, at in ended)
     for i, f in enumerate(futures):  # never more than two unfinished at a start
         assert sum(1 for g in futures[:i] if g.end > f.start) <= 1
     # the short ones follow each other beside the long one, which does not hold its batch back
