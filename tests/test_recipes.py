@@ -111,7 +111,7 @@ def test_a_grid_option_names_a_recipe_and_overrides_it():
 
     grid = parse_grid(None, Path(REPO / "pipelines" / "grids" / "shapes_recipes.yaml"))
     points = {(labels["arm"], labels["seed"]): params for labels, params in combinations(grid)}
-    assert len(points) == 27  # 9 arms x 3 seeds (the offline-negatives arm follows on the best one)
+    assert len(points) == 45  # 9 arms x 5 seeds (the offline-negatives arm follows on the best one)
     adversarial = points[("tirg_lastconv_adversarial", "s1")]
     _, recipe = recipes.load("tirg_lastconv_ga", REPO / "params.yaml")
     assert adversarial["loss.ga_mse_weight"] == recipe["loss.ga_mse_weight"]  # from the recipe
