@@ -17,6 +17,7 @@ reported as `fashioniq_val_union`.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,48 @@ from stages.retrieval.topk import GALLERY_CHUNK, QUERY_CHUNK, chunked_topk, reca
 
 PROTOCOLS: tuple[str, ...] = ("target", "caption", "fashioniq_val_union", "fashioniq_clip4cir")
 FASHIONIQ_KS = [10, 50]
+
+
+@dataclass
+class Ranking:
+    """One ranking a protocol makes: the queries `query_rows` (rows of the records) against the gallery rows
+    `gallery_rows`. A candidate (a position in gallery_rows) answers a query when its label equals the query's
+    label (the exact target: its own position; `caption`: the caption's id); `exclude` is, per query, the candidate
+    it may not retrieve (its reference; -1: none), or None when the protocol keeps the reference."""
+    category: str | None  # FashionIQ: the category; None for the whole-gallery protocols
+    query_rows: torch.Tensor
+    gallery_rows: torch.Tensor
+    labels: torch.Tensor
+    query_labels: torch.Tensor  # -1: the query's target is not among the candidates
+    exclude: torch.Tensor | None
+
+
+def rankings(protocol: str, gallery_ids: list[str], gallery_captions: list[str], records: list[dict]) -> list[Ranking]:
+    """The rankings `protocol` makes of these queries: one over the whole gallery (target, caption), or one per
+    FashionIQ category in sorted order."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    position = _positions(gallery_ids)
+    if protocol in ("target", "caption"):
+        everything = torch.arange(len(gallery_ids))
+        targets = _gallery_rows(records, "target_id", position)
+        # Comparing caption ids instead of image rows turns "exact target" into "same caption as target".
+        labels = _caption_ids(gallery_captions) if protocol == "caption" else everything
+        return [Ranking(None, torch.arange(len(records)), everything, labels, labels[targets],
+                        _gallery_rows(records, "reference_id", position))]
+    gallery_of = _union_of_query_images if protocol == "fashioniq_val_union" else _images_captioned_as_category
+    out = []
+    for category, query_rows in _queries_by_category(records, set(gallery_captions)).items():
+        category_records = [records[j] for j in query_rows]
+        rows = gallery_of(category, category_records, gallery_captions, position)
+        # local[global gallery row] = its row in this category's gallery, -1 when it is not in it
+        local = torch.full((len(position),), -1, dtype=torch.long)
+        local[rows] = torch.arange(len(rows))
+        exclude = local[_gallery_rows(category_records, "reference_id", position)] \
+            if protocol == "fashioniq_val_union" else None
+        out.append(Ranking(category, torch.tensor(query_rows, dtype=torch.long), rows, torch.arange(len(rows)),
+                           local[_gallery_rows(category_records, "target_id", position)], exclude))
+    return out
 
 
 def score(
@@ -44,30 +87,35 @@ def score(
     _check_inputs(gallery_ids, gallery_captions, gallery, records, queries)
     chunks = {"query_chunk": query_chunk, "gallery_chunk": gallery_chunk, "device": device}
     if protocol in ("target", "caption"):
-        return _score_whole_gallery(gallery_ids, gallery_captions, gallery, records, queries, ks,
-                                    by_caption=protocol == "caption", chunks=chunks)
-    if protocol == "fashioniq_val_union":
-        return _score_fashioniq(gallery_ids, gallery_captions, gallery, records, queries, ks,
-                                gallery_of=_union_of_query_images, exclude_reference=True, chunks=chunks)
-    return _score_fashioniq(gallery_ids, gallery_captions, gallery, records, queries, ks,
-                            gallery_of=_images_captioned_as_category, exclude_reference=False, chunks=chunks)
+        _check_ks(ks, len(gallery_ids) - 1, f"the gallery ({len(gallery_ids)} images less each query's reference)")
+        (ranking,) = rankings(protocol, gallery_ids, gallery_captions, records)
+        recalls = _recalls(ranking, gallery, queries, ks, chunks)
+        return {**_in_percent(recalls), "queries": len(records), "gallery": len(gallery_ids)}
+    reported = [k for k in FASHIONIQ_KS if k in ks]  # the papers report both; a tiny gallery allows only R@10
+    if not reported:
+        raise ValueError(f"evaluate.ks: the FashionIQ protocols report R@10 and R@50; add them to {ks}")
+    recalls, counts = {}, {}
+    for ranking in rankings(protocol, gallery_ids, gallery_captions, records):
+        category, size = ranking.category, len(ranking.gallery_rows)
+        available = size - 1 if ranking.exclude is not None else size
+        _check_ks(reported, available, f"the {category!r} gallery ({size} images"
+                                       + (" less each query's reference)" if ranking.exclude is not None else ")"))
+        outside = (ranking.query_labels < 0).nonzero().flatten().tolist()
+        if outside:
+            record = records[int(ranking.query_rows[outside[0]])]
+            raise ValueError(f"query {record['query_id']!r}: target_id {record['target_id']!r} is not in the "
+                             f"{category!r} gallery ({len(outside)} such queries)")
+        recalls[category] = _recalls(ranking, gallery, queries, reported, chunks)
+        counts[category] = {"queries": len(ranking.query_rows), "gallery": size}
+    return _per_category_table(recalls, counts, reported)
 
 
-# --- target / caption: one ranking over the whole gallery -------------------------------------------
-
-
-def _score_whole_gallery(gallery_ids, gallery_captions, gallery, records, queries, ks, by_caption, chunks):
-    _check_ks(ks, len(gallery_ids) - 1, f"the gallery ({len(gallery_ids)} images less each query's reference)")
-    position = _positions(gallery_ids)
-    references = _gallery_rows(records, "reference_id", position)
-    targets = _gallery_rows(records, "target_id", position)
-    _, ranked = chunked_topk(queries, gallery, max(ks), exclude=references[:, None], **chunks)
-    if by_caption:
-        # Comparing caption ids instead of image rows turns "exact target" into "same caption as target".
-        caption_ids = _caption_ids(gallery_captions)
-        ranked, targets = caption_ids[ranked], caption_ids[targets]
-    recalls = recall_at_k(ranked, targets, ks)
-    return {**_in_percent(recalls), "queries": len(records), "gallery": len(gallery_ids)}
+def _recalls(ranking: Ranking, gallery, queries, ks, chunks) -> dict[str, float]:
+    """R@K (fractions) of one ranking."""
+    exclude = None if ranking.exclude is None else ranking.exclude[:, None]
+    _, ranked = chunked_topk(queries[ranking.query_rows], gallery[ranking.gallery_rows], max(ks), exclude=exclude,
+                             **chunks)
+    return recall_at_k(ranking.labels[ranked], ranking.query_labels, ks)
 
 
 def _caption_ids(captions: list[str]) -> torch.Tensor:
@@ -77,22 +125,6 @@ def _caption_ids(captions: list[str]) -> torch.Tensor:
 
 
 # --- FashionIQ: one ranking per category --------------------------------------------------------------
-
-
-def _score_fashioniq(gallery_ids, gallery_captions, gallery, records, queries, ks,
-                     gallery_of, exclude_reference, chunks):
-    reported = [k for k in FASHIONIQ_KS if k in ks]  # the papers report both; a tiny gallery allows only R@10
-    if not reported:
-        raise ValueError(f"evaluate.ks: the FashionIQ protocols report R@10 and R@50; add them to {ks}")
-    position = _positions(gallery_ids)
-    recalls, counts = {}, {}
-    for category, query_rows in _queries_by_category(records, set(gallery_captions)).items():
-        category_records = [records[j] for j in query_rows]
-        rows = gallery_of(category, category_records, gallery_captions, position)
-        recalls[category] = _score_category(category, category_records, queries[query_rows], gallery, rows,
-                                            position, exclude_reference, reported, chunks)
-        counts[category] = {"queries": len(query_rows), "gallery": len(rows)}
-    return _per_category_table(recalls, counts, reported)
 
 
 def _queries_by_category(records: list[dict], categories: set[str]) -> dict[str, list[int]]:
@@ -116,25 +148,6 @@ def _union_of_query_images(category, category_records, gallery_captions, positio
 def _images_captioned_as_category(category, category_records, gallery_captions, position) -> torch.Tensor:
     return torch.tensor([row for row, caption in enumerate(gallery_captions) if caption == category],
                         dtype=torch.long)
-
-
-def _score_category(category, records, queries, gallery, rows, position, exclude_reference, ks, chunks):
-    """R@10, R@50 (fractions) of one category's queries against the gallery rows `rows`."""
-    available = len(rows) - 1 if exclude_reference else len(rows)
-    _check_ks(ks, available, f"the {category!r} gallery ({len(rows)} images"
-                                       + (" less each query's reference)" if exclude_reference else ")"))
-    # local[global gallery row] = its row in this category's gallery, -1 when it is not in it
-    local = torch.full((len(position),), -1, dtype=torch.long)
-    local[rows] = torch.arange(len(rows))
-    targets = local[_gallery_rows(records, "target_id", position)]
-    outside = (targets < 0).nonzero().flatten().tolist()
-    if outside:
-        record = records[outside[0]]
-        raise ValueError(f"query {record['query_id']!r}: target_id {record['target_id']!r} is not in the "
-                         f"{category!r} gallery ({len(outside)} such queries)")
-    exclude = local[_gallery_rows(records, "reference_id", position)][:, None] if exclude_reference else None
-    _, ranked = chunked_topk(queries, gallery[rows], max(ks), exclude=exclude, **chunks)
-    return recall_at_k(ranked, targets, ks)
 
 
 def _per_category_table(recalls: dict[str, dict[str, float]], counts: dict[str, dict[str, int]], ks: list[int]) -> dict:
