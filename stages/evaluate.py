@@ -11,7 +11,13 @@ for the flat protocols also the harmonic mean over the splits and GA's WHM in th
 chosen by `evaluate.whm`. Several --model checkpoints are scored as one ensemble (AMC's test_ensemble.py:
 concatenated unit vectors, i.e. the mean of the models' cosines).
 
-python -m stages.evaluate --model data/train/model.pt --shards data/shards --out metrics/evaluate.json
+With `--per-query FOLDER` it also writes, per split, FOLDER/<split>.parquet: each composed query's rank of its
+target under each protocol and its top `evaluate.per_query_k` gallery ids (task matching: each caption's t2i and
+each image's i2t rank and top-k), as stages/retrieval/per_query.py describes; with `per_query_k: 0` the folder holds
+only skipped.json.
+
+python -m stages.evaluate --model data/train/model.pt --shards data/shards --out metrics/evaluate.json \
+    --per-query data/evaluate
 """
 from __future__ import annotations
 
@@ -26,11 +32,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from typing_extensions import Annotated
 
-from stages.common.atomic import write_json
+from stages.common.atomic import staged_dir, write_json
 from stages.common.errors import StageError, run_stage
 from stages.shards import store
 from stages.retrieval.embedding import embed_gallery, embed_matching_split, embed_queries, load_for_embedding
 from stages.retrieval.matching_metrics import coco_1k_folds, fold_rows, i2t_t2i
+from stages.retrieval import per_query
 from stages.common.params import PARAMS_FILE, ParamsError, load, read_task, require, section
 from stages.retrieval.rerank import SIAM_FILE, gallery_maps, load_siam, rerank_t2i
 from stages.retrieval.protocols import score
@@ -68,6 +75,7 @@ class EvaluateConfig:
     rare_words_as_unknown_below: Annotated[int, Field(ge=0)]  # quirk (VAL FashionIQ/Shoes: 2); 0 = off
     matching_ks: list[PositiveK]                              # task matching
     rerank_k: Annotated[int, Field(ge=0)]                     # task matching with a SIAM; 0 = no re-ranking
+    per_query_k: Annotated[int, Field(ge=0)]                  # --per-query: top-k ids kept per query; 0 = none
     whm: WHMConfig
 
     def __post_init__(self):
@@ -137,16 +145,22 @@ def embed_split(models, shard_dir: Path, split: str, cfg: EvaluateConfig, device
     return gallery_ids, captions, gallery, records, queries
 
 
-def score_split(models, shard_dir: Path, split: str, cfg: EvaluateConfig, device) -> dict[str, dict]:
-    """{mode: {protocol: result}} of one split."""
+def score_split(models, shard_dir: Path, split: str, cfg: EvaluateConfig, device,
+                per_query_k: int = 0) -> tuple[dict[str, dict], list[dict]]:
+    """({mode: {protocol: result}} of one split, its per-query rows of the composed queries under every protocol
+    when per_query_k > 0, else [])."""
     gallery_ids, captions, gallery, records, queries = embed_split(models, shard_dir, split, cfg, device)
     try:
-        return {mode: {protocol: score(protocol, gallery_ids, captions, gallery, records, queries[mode], cfg.ks,
-                                       cfg.query_chunk, cfg.gallery_chunk, device)
-                       for protocol in cfg.protocols}
-                for mode in MODES}
+        scores = {mode: {protocol: score(protocol, gallery_ids, captions, gallery, records, queries[mode], cfg.ks,
+                                         cfg.query_chunk, cfg.gallery_chunk, device)
+                         for protocol in cfg.protocols}
+                  for mode in MODES}
     except ValueError as err:
         raise StageError(f"{shard_dir} split '{split}': {err}") from None
+    rows = [row for protocol in cfg.protocols if per_query_k
+            for row in per_query.composed_rows(protocol, gallery_ids, captions, gallery, records, queries["composed"],
+                                               per_query_k, cfg.query_chunk)]
+    return scores, rows
 
 
 def with_split_means(per_split: dict[str, dict], cfg: EvaluateConfig) -> dict:
@@ -177,11 +191,18 @@ def headline(metrics: dict, cfg: EvaluateConfig) -> str:
     return f"{protocol} {split}: mean {result['mean']:.1f} ({recalls}, averaged over categories)"
 
 
-def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateConfig, device, siam=None) -> dict:
-    """i2t (best of an image's captions) and t2i recall@K, medr, meanr, rsum over the whole split (COCO 5K,
-    Flickr30k 1K); with the shards' folds.json also the COCO 1K five-fold average of the folds in this split."""
+def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateConfig, device, siam=None,
+                   per_query_k: int = 0) -> tuple[dict, list[dict]]:
+    """(i2t (best of an image's captions) and t2i recall@K, medr, meanr, rsum over the whole split (COCO 5K,
+    Flickr30k 1K), with the shards' folds.json also the COCO 1K five-fold average of the folds in this split;
+    the split's per-query rows when per_query_k > 0, else [])."""
     image_ids, images, caption_ids, texts, text_image = embed_matching_split(model, tokenizer, shard_dir, split,
                                                                            cfg.batch_size, device)
+    rows = []
+    if per_query_k:
+        caption_texts = [text for _, _, text in store.iter_captions(shard_dir, split)]  # embed_captions' order
+        rows = per_query.matching_rows(image_ids, images, caption_ids, caption_texts, texts, text_image,
+                                       per_query_k, cfg.query_chunk)
     row = {image_id: i for i, image_id in enumerate(image_ids)}
     result = {"all": i2t_t2i(images, texts, text_image, cfg.matching_ks, cfg.query_chunk, cfg.gallery_chunk),
               "counts": {"images": len(image_ids), "captions": len(caption_ids)}}
@@ -197,7 +218,16 @@ def score_matching(model, tokenizer, shard_dir: Path, split: str, cfg: EvaluateC
         maps = gallery_maps(model, shard_dir, split, cfg.batch_size, device)
         result["siam_reranked"] = {"t2i": rerank_t2i(siam, maps.to(device), images.to(device), texts.to(device),
                                                      text_image.to(device), cfg.rerank_k, cfg.matching_ks)}
-    return result
+    return result, rows
+
+
+def write_per_query(folder: Path, rows: dict[str, list[dict]], task: str, k: int) -> None:
+    """The per-query folder, atomically: <split>.parquet per split, or skipped.json when per_query_k is 0."""
+    with staged_dir(folder) as work:
+        if not k:
+            per_query.write_skipped(work, "evaluate.per_query_k is 0")
+        for split, split_rows in rows.items():
+            per_query.write_split(work, split, split_rows, task)
 
 
 def check_params(path) -> None:
@@ -210,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
                           "--out metrics/evaluate.json", "the metrics file (JSON)")
     parser.add_argument("--model", type=Path, nargs="+", required=True, help="one checkpoint, or several: an ensemble")
     parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
+    parser.add_argument("--per-query", type=Path,
+                        help="a folder for each split's per-query ranks and top-k ids (evaluate.per_query_k)")
     args = parser.parse_args(argv)
     check_from("evaluate", args.params)
     cfg = load(EvaluateConfig, "evaluate", args.params)
@@ -218,11 +250,15 @@ def main(argv: list[str] | None = None) -> None:
     began = time.time()
     device = pick_device(cfg.device)
     models = [load_for_embedding(path, device) for path in args.model]
+    k = cfg.per_query_k if args.per_query else 0  # without a folder nothing asks for the rows
     if read_task(args.params) == "matching":
         if len(models) > 1:
             raise StageError("evaluate: an ensemble is offered for composed retrieval only (task is matching)")
         siam = load_siam(args.model[0].parent / SIAM_FILE, device)
-        metrics = {split: score_matching(*models[0], args.shards, split, cfg, device, siam) for split in cfg.splits}
+        scored = {split: score_matching(*models[0], args.shards, split, cfg, device, siam, k) for split in cfg.splits}
+        metrics = {split: result for split, (result, _) in scored.items()}
+        if args.per_query:
+            write_per_query(args.per_query, {split: rows for split, (_, rows) in scored.items() if k}, "matching", k)
         write_json(args.out, metrics)
         line = ", ".join(f"{s} rsum {metrics[s]['all']['rsum']:.1f}" for s in cfg.splits)
         print(f"evaluate: matching {line} in {time.time() - began:.1f} s -> {args.out}")
@@ -230,8 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.protocols:
         raise ParamsError(f"{args.params}: evaluate.protocols: the dataset declares no composed-retrieval protocol "
                           f"(an image-text matching dataset: set task: matching), or name one")
-    per_split = {split: score_split(models, args.shards, split, cfg, device) for split in cfg.splits}
-    metrics = with_split_means(per_split, cfg)
+    scored = {split: score_split(models, args.shards, split, cfg, device, k) for split in cfg.splits}
+    metrics = with_split_means({split: result for split, (result, _) in scored.items()}, cfg)
+    if args.per_query:
+        write_per_query(args.per_query, {split: rows for split, (_, rows) in scored.items() if k}, "composed", k)
     write_json(args.out, metrics)
     print(f"evaluate: {headline(metrics, cfg)} in {time.time() - began:.1f} s -> {args.out}")
 

@@ -11,6 +11,15 @@ import pytest
 pytest_plugins = ["fail_on_skip"]  # .ci/run: a skipped test fails the run
 
 
+@pytest.fixture(scope="session")
+def tiny_composed(tmp_path_factory):
+    """A tiny TIRG pretrained in-process on the tiny repo's shapes, its index and per-query results
+    (tests/tiny_inprocess.py), built once for every test that asks."""
+    from tiny_inprocess import build
+
+    return build(tmp_path_factory.mktemp("tiny_composed"))
+
+
 @pytest.fixture
 def server(tmp_path):
     """A static HTTP server on 127.0.0.1 serving tmp_path/served; yields (folder, base URL, requests)."""

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from stages import evaluate, mine, prepare, pretrain, resize, shard, train, vocabulary
+from stages import evaluate, index, mine, prepare, pretrain, resize, shard, train, vocabulary
 from stages.shards import store
 from stages.retrieval.embedding import embed_captions, embed_gallery, load_for_embedding
 from stages.retrieval.matching_metrics import i2t_t2i
@@ -49,7 +49,9 @@ COMMANDS = [
     (mine, ["--model", "data/pretrain/model.pt", "--shards", "data/shards", "--out", "data/mined"]),
     (train, ["--init", "data/pretrain/model.pt", "--shards", "data/shards", "--mined", "data/mined",
              "--out", "data/train", "--metrics", "metrics/train.json"]),
-    (evaluate, ["--model", "data/train/model.pt", "--shards", "data/shards", "--out", "metrics/evaluate.json"]),
+    (evaluate, ["--model", "data/train/model.pt", "--shards", "data/shards", "--out", "metrics/evaluate.json",
+                "--per-query", "data/evaluate"]),
+    (index, ["--model", "data/train/model.pt", "--shards", "data/shards", "--out", "data/index"]),
 ]
 
 
@@ -197,3 +199,35 @@ def test_metrics_match_a_recomputation_per_fold(coco_run):
             assert metrics["folds_average"][direction][key] == pytest.approx(mean, abs=0.01)
     assert metrics["folds_average"]["rsum"] == pytest.approx(sum(f["rsum"] for f in per_fold) / len(per_fold),
                                                              abs=0.05)
+
+
+def test_per_query_ranks_agree_with_the_recall_and_the_index_holds_the_captions(coco_run):
+    """evaluate --per-query: the captions' t2i ranks give back the metrics' R@K, an image's i2t rank is its best
+    caption's; the index stage's caption features are the ones evaluate ranked."""
+    root, _ = coco_run
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    for split in SPLITS:
+        rows = pq.read_table(root / "data/evaluate" / f"{split}.parquet").to_pylist()
+        t2i = [r for r in rows if r["direction"] == "t2i"]
+        assert len(t2i) == metrics[split]["counts"]["captions"]
+        assert all(len(set(r["top_scores"])) == len(r["top_scores"]) for r in t2i)  # distinct images: no ties
+        for k in KS:  # without ties every tie rule counts the same
+            assert round(100 * sum(r["target_rank"] <= k for r in t2i) / len(t2i), 2) == \
+                metrics[split]["all"]["t2i"][f"r{k}"]
+    # i2t: the fixture's captions repeat across images, so captions tie; ranks count strictly higher scores only
+    model, tokenizer = load_for_embedding(root / "data/train/model.pt", torch.device("cpu"))
+    image_ids, _, images = embed_gallery(model, root / "data/shards", "test", 16, torch.device("cpu"))
+    caption_ids, caption_images, texts = embed_captions(model, tokenizer, root / "data/shards", "test", 16,
+                                                        torch.device("cpu"))
+    i2t = {r["query_id"]: r for r in pq.read_table(root / "data/evaluate/test.parquet").to_pylist()
+           if r["direction"] == "i2t"}
+    assert list(i2t) == image_ids
+    for i, image_id in enumerate(image_ids):
+        scores = (texts @ images[i]).tolist()
+        best = max(s for s, owner in zip(scores, caption_images) if owner == image_id)
+        assert i2t[image_id]["target_rank"] == 1 + sum(s > best for s in scores)
+    manifest = json.loads((root / "data/index/index.json").read_text())
+    declared = store.read_evaluation(root / "data/shards")["splits"]  # index.splits: auto
+    assert manifest["task"] == "matching" and list(manifest["splits"]) == declared and "test" in declared
+    assert pq.read_table(root / "data/index/test/captions.parquet").column("caption_id").to_pylist() == caption_ids
+    assert torch.allclose(torch.from_numpy(np.load(root / "data/index/test/captions.npy")), texts, atol=1e-6)

@@ -9,7 +9,8 @@ from import_closure import closure, uncovered
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"prepare": ["dataset", "download"], "resize": ["resize"], "shard": ["shard"], "vocabulary": ["vocabulary"],
             "pretrain": ["task", "model", "loss", "pretrain", "ga"],
-            "mine": ["task", "mine", "train.offline_negatives"], "train": ["task", "loss", "train", "ga"], "evaluate": ["task", "evaluate"]}
+            "mine": ["task", "mine", "train.offline_negatives"], "train": ["task", "loss", "train", "ga"], "evaluate": ["task", "evaluate"],
+            "index": ["index"]}
 
 
 def leaves(prefix, node):

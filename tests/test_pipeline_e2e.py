@@ -33,6 +33,9 @@ def test_dvc_repro_runs_every_stage_then_skips_them(tiny_repo):
     assert set(whm) == {"r1", "r5", "r10"}  # whm.definition = splits: one value per recall level
     assert min(test["r10"], novel["r10"]) <= whm["r10"] <= max(test["r10"], novel["r10"])
     assert (tiny_repo / "data/pretrain/live/plots/metrics/loss.tsv").exists()
+    index = json.loads((tiny_repo / "data/index/index.json").read_text())
+    assert index["task"] == "composed" and set(index["splits"]) == {"test", "novel"}
+    assert {"test.parquet", "novel.parquet"} <= {p.name for p in (tiny_repo / "data/evaluate").iterdir()}
     timing = metrics[""]["data"]["metrics/pretrain.json"]["data"]
     assert timing["steps"] == 12 and timing["seconds"] > 0
 
@@ -46,10 +49,10 @@ def stages_run(stdout: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in stdout]
 
 
-def test_changing_train_params_reruns_only_train_and_evaluate(tiny_repo):
+def test_changing_train_params_reruns_only_train_evaluate_and_index(tiny_repo):
     tiny_repo, _ = tiny_repo
     set_param(tiny_repo, "train", "lr", 0.02)
-    assert stages_run(run(["dvc", "repro"], tiny_repo).stdout) == ["train", "evaluate"]
+    assert stages_run(run(["dvc", "repro"], tiny_repo).stdout) == ["train", "evaluate", "index"]
 
 
 def test_without_offline_negatives_mine_mines_nothing_and_train_reads_nothing(tiny_repo):
@@ -57,7 +60,7 @@ def test_without_offline_negatives_mine_mines_nothing_and_train_reads_nothing(ti
     set_param(tiny_repo, "train", "offline_negatives", False)
     try:
         result = run(["dvc", "repro"], tiny_repo)
-        assert stages_run(result.stdout) == ["mine", "train", "evaluate"], result.stdout
+        assert stages_run(result.stdout) == ["mine", "train", "evaluate", "index"], result.stdout
         assert sorted(p.name for p in (tiny_repo / "data/mined").iterdir()) == ["skipped.json"]
         assert "mine: nothing to mine (train.offline_negatives is false)" in result.stdout
         assert "no mined negatives" in result.stdout
@@ -97,7 +100,7 @@ def test_gradient_augmentation_switches_on_from_params(tiny_repo):
     set_param(tiny_repo, "ga", "adversarial", True)
     set_param(tiny_repo, "ga", "isotropic", True)
     result = run(["dvc", "repro"], tiny_repo)
-    assert stages_run(result.stdout) == ["pretrain", "mine", "train", "evaluate"], result.stdout
+    assert stages_run(result.stdout) == ["pretrain", "mine", "train", "evaluate", "index"], result.stdout
     logged = (tiny_repo / "data/pretrain/live/plots/metrics/ga_adversarial.tsv").read_text().splitlines()
     assert len(logged) > 1 and all(float(row.split("\t")[-1]) > 0 for row in logged[1:])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "resize", "shard", "vocabulary", "pretrain", "mine", "train", "evaluate"]
+STAGES = ["prepare", "resize", "shard", "vocabulary", "pretrain", "mine", "train", "evaluate", "index"]
 TINY = {
     "dataset": {"shapes": {"image_size": 40, "train_queries": 240, "test_queries": 60, "novel_queries": 60,
                             "eval_gallery_size": 0}},
