@@ -1,5 +1,7 @@
 """stages.search on a tiny dual encoder trained by the real `dvc repro train` (task: matching, shapes captions):
-text -> gallery images and image -> captions, checked against cosines recomputed here with the model."""
+text -> gallery images and image -> captions; and on a tiny TIRG (tests/tiny_composed.py): known queries, a gallery
+reference or an image file with a text, and the failures of evaluate's per-query results. Every ranking is checked
+against cosines recomputed here with the model; the gallery comes from the `index` stage's files."""
 import html
 import io
 import json
@@ -14,6 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stages import search
+from stages.index import build_index
+from stages.retrieval import per_query
 from stages.shards import store
 from stages.common.errors import StageError
 from stages.retrieval.embedding import embed_captions, embed_gallery, load_for_embedding
@@ -33,6 +37,7 @@ def trained(tmp_path_factory):
     repo = make_tiny_repo(tmp_path_factory.mktemp("search"))
     switch_to_matching(repo)
     run(["dvc", "repro", "train"], repo)
+    build_index(repo / "data/train/model.pt", repo / "data/shards", ["test"], repo / "data/index", 64, CPU)
     return repo, repo / "data/train/model.pt", repo / "data/shards"
 
 
@@ -51,9 +56,9 @@ def embedded(trained):
 
 
 def search_main(trained, out, *args, model=None):
-    _, model_path, shard_dir = trained
-    search.main(["--model", str(model or model_path), "--shards", str(shard_dir), "--device", "cpu",
-                 "--out", str(out), *args])
+    repo, model_path, shard_dir = trained
+    search.main(["--model", str(model or model_path), "--shards", str(shard_dir), "--index", str(repo / "data/index"),
+                 "--device", "cpu", "--out", str(out), *args])
     return json.loads((out / "results.json").read_text())
 
 
@@ -179,10 +184,13 @@ def test_bad_requests_are_stage_errors(trained, embedded, composed_checkpoint, t
     for args, message in cases:
         with pytest.raises(StageError, match=re.escape(message)):
             search_main(trained, tmp_path / "out", *args)
-    with pytest.raises(StageError) as err:
+    with pytest.raises(StageError, match=re.escape("index built from another model: re-run `dvc repro index`")):
         search_main(trained, tmp_path / "out", "--split", "test", "--text", "a circle", model=composed_checkpoint)
-    assert str(err.value) == (f"search needs an image-text matching model (model.name dual_encoder); "
-                              f"{composed_checkpoint} holds tirg")
+    for args, message in [(["--query-id", "q"], "--query-id asks for a composed-retrieval model"),
+                          (["--text", "a", "--image-id", embedded["image_ids"][0]],
+                           "takes one of --text, --image, --image-id (got --text, --image-id)")]:
+        with pytest.raises(StageError, match=re.escape(message)):
+            search_main(trained, tmp_path / "out", "--split", "test", *args)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
@@ -192,5 +200,112 @@ def test_the_command_reports_a_bad_request_on_stderr(trained, composed_checkpoin
                              "data/shards", "--text", "a circle", "--device", "cpu", "--out", str(tmp_path / "out")],
                             cwd=repo, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: search needs an image-text matching model (model.name dual_encoder); "
-                                     f"{composed_checkpoint} holds tirg")
+    assert result.stderr.startswith("error: data/index: index built from another model: re-run `dvc repro index` ")
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+# --- composed retrieval ------------------------------------------------------------------------------
+
+
+def composed_main(tiny, out, *args):
+    search.main(["--model", str(tiny.model), "--shards", str(tiny.shards), "--index", str(tiny.index), "--split",
+                 "test", "--device", "cpu", "--out", str(out), *args])
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def composed(tiny_composed):
+    """The test split of the tiny TIRG embedded here (queries composed as evaluate does), and its per-query rows."""
+    from stages.retrieval.embedding import embed_queries
+
+    model, tokenizer = load_for_embedding(tiny_composed.model, CPU)
+    image_ids, captions, gallery = embed_gallery(model, tiny_composed.shards, "test", 64, CPU)
+    records, queries = embed_queries(model, tokenizer, tiny_composed.shards, "test", 64, CPU)
+    ranks = {row["query_id"]: row["target_rank"]
+             for row in per_query.read_split(tiny_composed.per_query, "test")}
+    return {"model": model, "tokenizer": tokenizer, "image_ids": image_ids, "gallery": gallery, "records": records,
+            "queries": queries["composed"], "ranks": ranks,
+            "image_bytes": {i: d for i, _, d in store.iter_gallery(tiny_composed.shards, "test")}}
+
+
+def expected_top(query, gallery, image_ids, k, exclude=None):
+    """The k best gallery ids by cosine, the reference left out: a plain sort, no stages code."""
+    scores = gallery @ query
+    if exclude is not None:
+        scores[image_ids.index(exclude)] = -math.inf
+    order = sorted(range(len(image_ids)), key=lambda i: (-float(scores[i]), i))[:k]
+    return [image_ids[i] for i in order], [float(scores[i]) for i in order]
+
+
+def test_a_known_query_ranks_the_gallery_without_its_reference_and_marks_the_target(tiny_composed, composed,
+                                                                                     tmp_path):
+    k = 10
+    j = next(j for j, r in enumerate(composed["records"]) if composed["ranks"][r["query_id"]] <= 5)
+    record = composed["records"][j]
+    result = composed_main(tiny_composed, tmp_path / "q", "--query-id", record["query_id"], "--k", str(k))
+    ids, scores = expected_top(composed["queries"][j], composed["gallery"], composed["image_ids"], k,
+                               record["reference_id"])
+    assert [r["image_id"] for r in result["results"]] == ids
+    assert [r["score"] for r in result["results"]] == pytest.approx(scores, abs=1e-5)
+    assert [r["target"] for r in result["results"]] == [i == record["target_id"] for i in ids]
+    assert sum(r["target"] for r in result["results"]) == 1
+    assert result["query"] == {**record, "file": "query.png"} and result["ranked"] == "images"
+    assert (tmp_path / "q/query.png").read_bytes() == composed["image_bytes"][record["reference_id"]]
+    page = (tmp_path / "q/index.html").read_text()
+    assert page.count('<span class="badge">target</span>') == 1 and html.escape(record["text"]) in page
+
+    # the same reference and text given as --reference-id: the same ranking, no target to mark
+    by_id = composed_main(tiny_composed, tmp_path / "r", "--reference-id", record["reference_id"], "--text",
+                          record["text"], "--k", str(k))
+    assert [r["image_id"] for r in by_id["results"]] == ids and all("target" not in r for r in by_id["results"])
+
+
+def test_an_image_file_with_a_text_is_a_composed_query_without_exclusion(tiny_composed, composed, tmp_path):
+    record = composed["records"][3]
+    with Image.open(io.BytesIO(composed["image_bytes"][record["reference_id"]])) as img:  # padded: cropped back
+        padded = Image.new("RGB", (img.width, img.height + 10), "white")
+        padded.paste(img.convert("RGB"), (0, 5))
+    padded.save(tmp_path / "ref.png")
+    result = composed_main(tiny_composed, tmp_path / "f", "--image", str(tmp_path / "ref.png"), "--text",
+                           record["text"], "--k", "6")
+    ids, _ = expected_top(composed["queries"][3], composed["gallery"], composed["image_ids"], 6)
+    assert [r["image_id"] for r in result["results"]] == ids
+    assert result["query"] == {"image": str(tmp_path / "ref.png"), "text": record["text"], "file": "query.png"}
+
+
+def test_failures_list_the_worst_ranked_queries_first(tiny_composed, composed, tmp_path, capsys):
+    out = tmp_path / "failures"
+    search.main(["--model", str(tiny_composed.model), "--shards", str(tiny_composed.shards), "--index",
+                 str(tiny_composed.index), "--failures", str(tiny_composed.per_query), "--split", "test", "--limit",
+                 "5", "--out", str(out)])
+    record = json.loads((out / "results.json").read_text())
+    worst = sorted(composed["ranks"].items(), key=lambda item: -item[1])[:5]
+    assert [r["target_rank"] for r in record["failures"]] == [rank for _, rank in worst]
+    assert record["which"] == "target" and record["split"] == "test"
+    page = (out / "index.html").read_text()
+    first = record["failures"][0]
+    assert f"{first['target_rank']} of {first['candidates']}" in page and html.escape(first["text"]) in page
+    shown = {p.name for p in out.glob("img*")}
+    assert len(shown) == len({i for r in record["failures"] for i in (r["reference_id"], r["target_id"], *r["top_ids"])})
+    printed = capsys.readouterr().out
+    assert printed.index(first["query_id"]) < printed.index(record["failures"][-1]["query_id"])
+
+
+def test_composed_requests_that_do_not_fit_are_stage_errors(tiny_composed, composed, tmp_path):
+    record = composed["records"][0]
+    cases = [
+        (["--image-id", record["reference_id"]], "--image-id ranks captions with an image-text matching model"),
+        (["--query-id", "nope"], "--query-id 'nope': not a query of split 'test'"),
+        (["--query-id", record["query_id"], "--text", "x"], "--query-id brings its own reference and text"),
+        (["--reference-id", record["reference_id"]], "takes --query-id ID, or a reference"),
+        (["--text", "x"], "takes --query-id ID, or a reference"),
+        (["--reference-id", "nope", "--text", "x"], "--reference-id 'nope': not a gallery image of split 'test'"),
+        (["--failures", str(tiny_composed.per_query), "--text", "x"], "--failures lists the evaluated queries; it "
+                                                                      "takes no --text"),
+        (["--protocol", "target", "--query-id", record["query_id"]], "--protocol chooses the ranks --failures lists"),
+        (["--failures", str(tmp_path), "--limit", "3"], "test.parquet: no per-query results for split 'test'"),
+    ]
+    for args, message in cases:
+        with pytest.raises(StageError, match=re.escape(message)):
+            composed_main(tiny_composed, tmp_path / "out", *args)
+    assert not (tmp_path / "out").exists()
