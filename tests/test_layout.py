@@ -13,7 +13,7 @@ from stages.datasets.registry import ADAPTERS, load_adapter
 from stages.modeling.factory import ModelConfig
 from stages.training.objectives import LossConfig
 
-COMMANDS = {"search", "export_css3d", "headline"}  # user commands that are not DVC stages
+COMMANDS = {"search", "export_css3d", "headline", "app"}  # user commands that are not DVC stages
 
 
 def stage_names() -> set[str]:

@@ -34,7 +34,8 @@ def write_params(dest: Path, **changes) -> Path:
 
 
 def build(root: Path, **changes) -> TinyRun:
-    """The run in `root`; `changes` ({section: {key: value}}) go over the tiny params (e.g. another dataset)."""
+    """The run in `root`; `changes` ({section: {key: value}} or {key: value}) go over the tiny params (e.g.
+    another dataset)."""
     from stages import evaluate, pretrain
     from stages.index import build_index
     from stages.prepare import prepare
@@ -42,9 +43,10 @@ def build(root: Path, **changes) -> TinyRun:
     from stages.shard import shard
     from stages.vocabulary import vocabulary
 
-    cpu = {"evaluate": {"device": "cpu"}, "pretrain": {"device": "cpu"}}
-    params = write_params(root, **{section: {**cpu.get(section, {}), **changes.get(section, {})}
-                                   for section in {*cpu, *changes}})
+    overrides = dict(changes)
+    for section in ("evaluate", "pretrain"):
+        overrides[section] = {"device": "cpu", **overrides.get(section, {})}
+    params = write_params(root, **overrides)
     prepare(root / "prepared", params)
     resize(root / "prepared", root / "resized", params)
     shard(root / "resized", root / "shards", params)
