@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from pathlib import Path
 
 import yaml
@@ -49,9 +50,14 @@ def read_rows(csv_path: Path) -> list[dict[str, object]]:
 
 def table(rows: list[dict[str, object]]) -> str:
     """Markdown, one line per experiment: the composed-retrieval or the matching table by the rows' `task`."""
-    if rows and rows[0].get("params.task") == "matching":
+    if rows and is_matching(rows[0]):
         return matching_table(rows)
     return composed_table(rows)
+
+
+def is_matching(row: dict[str, object]) -> bool:
+    """An image-text matching experiment: its metrics have no `composed` section (its params may say task: auto)."""
+    return row.get("params.task") == "matching" or not any(str(k).startswith("evaluate.composed.") for k in row)
 
 
 def matching_table(rows: list[dict[str, object]]) -> str:
@@ -80,7 +86,7 @@ def composed_table(rows: list[dict[str, object]]) -> str:
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         protocol = row["params.evaluate.protocols"][0] if isinstance(row.get("params.evaluate.protocols"), list) \
-            else "target"
+            else first_protocol(row)
         test, novel, whm = (f"evaluate.composed.{part}.{protocol}" for part in ("test", "novel", "whm"))
         ga = "+".join(name for name in ("adversarial", "isotropic") if row.get(f"params.ga.{name}")) or "—"
         seconds = float(row.get("pretrain.seconds", 0)) + float(row.get("train.seconds", 0))
@@ -114,11 +120,20 @@ def with_served(row: dict[str, object]) -> dict[str, object]:
 
 
 def metric_keys(rows: list[dict[str, object]]) -> list[tuple[str, str]]:
-    if rows and rows[0].get("params.task") == "matching":
+    if rows and is_matching(rows[0]):
         return [(title, key) for title, key in MATCHING_METRICS if any(key in row for row in rows)]
     protocols = rows[0].get("params.evaluate.protocols") if rows else None
-    protocol = protocols[0] if isinstance(protocols, list) else "target"
+    protocol = protocols[0] if isinstance(protocols, list) else first_protocol(rows[0] if rows else {})
     return [(title, key.format(protocol=protocol)) for title, key in COMPOSED_METRICS]
+
+
+def first_protocol(row: dict[str, object]) -> str:
+    """The protocol of a composed row's first `evaluate.composed.<split>.<protocol>.r1` (evaluate.protocols auto)."""
+    for key in row:
+        found = re.fullmatch(r"evaluate\.composed\.(?!harmonic|whm)[^.]+\.([^.]+)\.r1", str(key))
+        if found:
+            return found.group(1)
+    return "target"
 
 
 def by_arm(sweep_rows: list[dict[str, str]], found: dict[str, dict], arm_axis: str, seed_axis: str

@@ -230,7 +230,7 @@ def write_per_query(folder: Path, rows: dict[str, list[dict]], task: str, k: int
             per_query.write_split(work, split, split_rows, task)
 
 
-def check_params(path) -> None:
+def check_params(path, declared: dict | None = None) -> None:
     """The `evaluate` params as written (`auto` values are resolved from the shards when the stage runs)."""
     load(EvaluateConfig, "evaluate", path)
 
@@ -243,15 +243,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-query", type=Path,
                         help="a folder for each split's per-query ranks and top-k ids (evaluate.per_query_k)")
     args = parser.parse_args(argv)
-    check_from("evaluate", args.params)
+    declared = store.read_evaluation(args.shards)
+    check_from("evaluate", args.params, declared)
     cfg = load(EvaluateConfig, "evaluate", args.params)
-    cfg = resolve(cfg, store.read_evaluation(args.shards), str(args.shards))
+    cfg = resolve(cfg, declared, str(args.shards))
 
     began = time.time()
     device = pick_device(cfg.device)
     models = [load_for_embedding(path, device) for path in args.model]
     k = cfg.per_query_k if args.per_query else 0  # without a folder nothing asks for the rows
-    if read_task(args.params) == "matching":
+    if read_task(args.params, declared) == "matching":
         if len(models) > 1:
             raise StageError("evaluate: an ensemble is offered for composed retrieval only (task is matching)")
         siam = load_siam(args.model[0].parent / SIAM_FILE, device)

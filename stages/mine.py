@@ -47,7 +47,7 @@ class MineConfig:
     aoq_t2i_k: PositiveInt  # task matching: images kept per caption (AOQ: 400)
 
 
-def check_params(path) -> None:
+def check_params(path, declared: dict | None = None) -> None:
     load(MineConfig, "mine", path)
 
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the checkpoint that embeds, e.g. the pretrained one")
     parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     args = parser.parse_args(argv)
-    check_from("mine", args.params)
+    declared = store.read_evaluation(args.shards)
+    check_from("mine", args.params, declared)
     cfg = load(MineConfig, "mine", args.params)
     if not read_yaml(args.params).get("train", {}).get("offline_negatives", True):
         with staged_dir(args.out) as work:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     began = time.time()
     device = pick_device(cfg.device)
     model, vocab = load_for_embedding(args.model, device)
-    if read_task(args.params) == "matching":
+    if read_task(args.params, declared) == "matching":
         return mine_matching(model, vocab, args.shards, args.out, cfg, device, began)
     gallery_ids, gallery_captions, gallery = embed_gallery(model, args.shards, "train", cfg.batch_size, device)
     records, features = embed_queries(model, vocab, args.shards, "train", cfg.batch_size, device)

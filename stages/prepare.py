@@ -79,7 +79,7 @@ def build(params: DatasetParams, work: Path, download: DownloadConfig, parallel:
     return params.adapter.build(params.config, work, download)
 
 
-def check_params(params_path: Path | str = PARAMS_FILE) -> None:
+def check_params(params_path: Path | str = PARAMS_FILE, declared: dict | None = None) -> None:
     load_dataset_params(params_path)
     load(DownloadConfig, "download", params_path)
     load(ParallelConfig, "parallel", params_path)
@@ -87,8 +87,8 @@ def check_params(params_path: Path | str = PARAMS_FILE) -> None:
 
 def prepare(out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """Build the dataset into `out`; returns a one-line summary."""
-    check_from("prepare", params_path)
     params = load_dataset_params(params_path)
+    check_from("prepare", params_path, params.adapter.EVALUATION.as_json())
     download = load(DownloadConfig, "download", params_path)
     parallel = load(ParallelConfig, "parallel", params_path)
     with staged_dir(out) as work:

@@ -26,7 +26,7 @@ from stages.training.objectives import (
 from stages.common.params import ParamsError, load, read_task
 from stages.modeling.text import training_text
 from stages.training.loop import LoopConfig, compile_model, fingerprint, fit, output_dir, seed_everything
-from stages.training.selection import validator
+from stages.training.selection import check_selection, validator
 from stages.common.device import pick_device, place_model
 from stages.common.cli import stage_parser
 from stages.common.validation import check_from
@@ -37,35 +37,39 @@ def image_size_of(shard_dir: Path, split: str) -> int:
     return decode_image(first[2]).shape[-1]
 
 
-def check_params(path) -> None:
-    """Every `pretrain` param and how they fit together (also run by the stages before it)."""
+def check_params(path, declared: dict | None = None) -> tuple[str, ModelConfig, LossConfig]:
+    """Every `pretrain` param and how they fit together (also run by the stages before it); returns the task and
+    the model and loss configs with `auto` resolved from the dataset's declaration."""
     model_cfg, cfg = load(ModelConfig, "model", path), load(LoopConfig, "pretrain", path)
-    loss_cfg, ga, task = load(LossConfig, "loss", path), load(GAConfig, "ga", path), read_task(path)
-    model_cfg.check_task(task)
+    loss_cfg, ga, task = load(LossConfig, "loss", path), load(GAConfig, "ga", path), read_task(path, declared)
+    model_cfg, loss_cfg = model_cfg.for_task(task), loss_cfg.for_task(task)
     loss_cfg.check_model(model_cfg.name, cfg.batch_size, "pretrain")
     check_ga_task(ga, task)
     check_pair_sampling(cfg, task, "pretrain")
+    check_selection(cfg.selection, task, "pretrain")
     if cfg.steps == 0:
         raise ParamsError(f"{path}: pretrain.steps: must be > 0 (train.steps may be 0)")
-    if cfg.selection != "last" and task != "matching":
-        raise ParamsError(f"{path}: pretrain.selection: {cfg.selection} scores image-text matching, task is "
-                          f"{task!r}; use last")
+    return task, model_cfg, loss_cfg
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "python -m stages.pretrain --shards data/shards --vocab data/vocab "
                           "--out data/pretrain --metrics metrics/pretrain.json",
-                          "output directory: model.pt, dvclive curves in live/")
+                          "output directory: model.pt")
     parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     parser.add_argument("--vocab", type=Path, required=True, help="the `vocabulary` stage's folder")
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
+    parser.add_argument("--live", type=Path, help="dvclive folder, written as training goes (default: live/ in the "
+                        "output, which appears only at the end)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    check_from("pretrain", args.params)
-    model_cfg, cfg = load(ModelConfig, "model", args.params), load(LoopConfig, "pretrain", args.params)
+    declared = store.read_evaluation(args.shards)
+    check_from("pretrain", args.params, declared)
+    task, model_cfg, loss_cfg = check_params(args.params, declared)
+    cfg = load(LoopConfig, "pretrain", args.params)
     if (code := distributed.relaunch_under_torchrun(cfg.distributed, "stages.pretrain", argv)) is not None:
         sys.exit(code)
-    loss_cfg, ga, task = load(LossConfig, "loss", args.params), load(GAConfig, "ga", args.params), read_task(args.params)
+    ga = load(GAConfig, "ga", args.params)
 
     store.read_index(args.shards)
     seed_everything(cfg.seed)
@@ -84,12 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         loss, _, _, logs = training_loss(model, loss_cfg, tokenizer, batch, device, ga)
         return loss, logs
 
-    validate = validator(cfg.selection, task, "pretrain", tokenizer, args.shards, device)
+    validate = validator(cfg, task, "pretrain", tokenizer, args.shards, device, declared)
     key = fingerprint(task, model_cfg, cfg, loss_cfg, ga, store.index_digest(args.shards),
                       tokenizer.state_dict())
     with output_dir(args.out, key, world) as work:
         batches = query_batches(args.shards, task, batch_size, cfg, pin_memory=device.type == "cuda")
-        summary = fit(model, batches, step, cfg, work, "pretrain", isotropic_noise(ga, cfg.seed), validate)
+        summary = fit(model, batches, step, cfg, work, "pretrain", isotropic_noise(ga, cfg.seed), validate,
+                      args.live if world.main else None)
         if world.main:
             if args.metrics:
                 write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})

@@ -290,14 +290,14 @@ def run_resize(input_dir: Path | str, output_dir: Path | str, cfg: ResizeConfig,
     )
 
 
-def check_params(params_path: Path | str = PARAMS_FILE) -> None:
+def check_params(params_path: Path | str = PARAMS_FILE, declared: dict | None = None) -> None:
     load(ResizeConfig, "resize", params_path)
     load(ParallelConfig, "parallel", params_path)
 
 
 def resize(input_dir: Path | str, output_dir: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """The stage: read `resize` and `parallel` params, run, return the one-line summary."""
-    check_from("resize", params_path)
+    check_from("resize", params_path, evaluation.declared_in(input_dir))
     cfg = load(ResizeConfig, "resize", params_path)
     parallel = load(ParallelConfig, "parallel", params_path)
     return run_resize(input_dir, output_dir, cfg, parallel).line(output_dir)

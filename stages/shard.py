@@ -224,14 +224,14 @@ def run_shard(input_dir: Path | str, output_dir: Path | str, cfg: ShardConfig,
     return Summary(index["splits"], megabytes, time.perf_counter() - start)
 
 
-def check_params(params_path: Path | str = PARAMS_FILE) -> None:
+def check_params(params_path: Path | str = PARAMS_FILE, declared: dict | None = None) -> None:
     load(ShardConfig, "shard", params_path)
     load(ParallelConfig, "parallel", params_path)
 
 
 def shard(input_dir: Path | str, output_dir: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """The stage: read `shard` and `parallel` params, run, return the one-line summary."""
-    check_from("shard", params_path)
+    check_from("shard", params_path, evaluation.declared_in(input_dir))
     cfg = load(ShardConfig, "shard", params_path)
     parallel = load(ParallelConfig, "parallel", params_path)
     return run_shard(input_dir, output_dir, cfg, parallel).line(output_dir)

@@ -43,7 +43,7 @@ from stages.training.objectives import (
 from stages.common.params import PARAMS_FILE, ParamsError, load, read_task, section
 from stages.modeling.text import tokenizer_from_state
 from stages.training.loop import LoopConfig, compile_model, file_digest, fingerprint, fit, output_dir, seed_everything
-from stages.training.selection import validator
+from stages.training.selection import check_selection, validator
 from stages.common.device import autocast, pick_device, place_model, to_device
 from stages.common.cli import stage_parser
 from stages.common.validation import check_from
@@ -79,34 +79,38 @@ class NegativeSampler:
         return torch.stack(picked)
 
 
-def check_params(path) -> None:
-    """Every `train` param and how they fit the `model` and `loss` params (also run by the stages before it)."""
+def check_params(path, declared: dict | None = None) -> tuple[str, LossConfig]:
+    """Every `train` param and how they fit the `model` and `loss` params (also run by the stages before it); returns
+    the task and the loss config with `auto` resolved from the dataset's declaration."""
     cfg, loss_cfg = load(TrainConfig, "train", path), load(LossConfig, "loss", path)
-    ga, task = load(GAConfig, "ga", path), read_task(path)
+    ga, task = load(GAConfig, "ga", path), read_task(path, declared)
+    loss_cfg = loss_cfg.for_task(task)
     check_ga_task(ga, task)
     check_pair_sampling(cfg, task, "train")
-    loss_cfg.check_model(load(ModelConfig, "model", path).name, cfg.batch_size, "train")
+    check_selection(cfg.selection, task, "train")
+    loss_cfg.check_model(load(ModelConfig, "model", path).for_task(task).name, cfg.batch_size, "train")
     if cfg.siam_steps and cfg.distributed.nproc_per_node > 1:
         raise ParamsError(f"{path}: train.siam_steps: SIAM trains in one process; "
                           "set train.distributed.nproc_per_node to 1 or train.siam_steps to 0")
-    if cfg.selection != "last" and task != "matching":
-        raise ParamsError(f"{path}: train.selection: {cfg.selection} scores image-text matching, task is "
-                          f"{task!r}; use last")
+    return task, loss_cfg
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "python -m stages.train --init data/pretrain/model.pt --shards data/shards "
                           "--mined data/mined --out data/train --metrics metrics/train.json",
-                          "output directory: model.pt (+ siam.pt), dvclive curves in live/")
+                          "output directory: model.pt (+ siam.pt)")
     parser.add_argument("--init", type=Path, required=True, help="the pretrained checkpoint to fine-tune")
     parser.add_argument("--shards", type=store.location, required=True, help=store.LOCATION_HELP)
     parser.add_argument("--mined", type=Path, required=True, help="the `mine` stage's folder")
     parser.add_argument("--metrics", type=Path, help="where to write the run's steps and seconds (JSON)")
+    parser.add_argument("--live", type=Path, help="dvclive folder, written as training goes (default: live/ in the "
+                        "output, which appears only at the end)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    check_from("train", args.params)
-    cfg, loss_cfg = load(TrainConfig, "train", args.params), load(LossConfig, "loss", args.params)
-    ga, task = load(GAConfig, "ga", args.params), read_task(args.params)
+    declared = store.read_evaluation(args.shards)
+    check_from("train", args.params, declared)
+    task, loss_cfg = check_params(args.params, declared)
+    cfg, ga = load(TrainConfig, "train", args.params), load(GAConfig, "ga", args.params)
     if (code := distributed.relaunch_under_torchrun(cfg.distributed, "stages.train", argv)) is not None:
         sys.exit(code)
 
@@ -120,10 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.compile:
         compile_model(model)
     mined = args.mined / (CANDIDATES_FILE if task == "matching" else NEGATIVES_FILE)
+    validate = validator(cfg, task, "train", tokenizer, args.shards, device, declared)
     if task == "matching":
-        train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device, world)
+        train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device,
+                       world, validate)
         return distributed.stop()
-    validator(cfg.selection, task, "train", tokenizer, args.shards, device)  # composed: only "last" (raises)
     sampler = None
     if cfg.offline_negatives:
         images = {image_id: data for image_id, _, data in store.iter_gallery(args.shards, "train")}
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     with output_dir(args.out, key, world) as work:
         batches = query_batches(args.shards, task, distributed.local_batch(cfg.batch_size, "train"), cfg,
                                 pin_memory=device.type == "cuda")
-        summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed))
+        summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed), validate, args.live)
         if world.main:
             if args.metrics:
                 write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})
@@ -161,9 +166,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, loss_cfg, ga, args, mined, device,
-                   world):
+                   world, validate):
     negatives = AOQNegatives(mined, args.shards, cfg.aoq_candidate_range, cfg.seed) if cfg.offline_negatives else None
-    validate = validator(cfg.selection, "matching", "train", tokenizer, args.shards, device)
 
     def step(model, batch):
         if negatives is not None:
@@ -180,7 +184,8 @@ def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, los
         else:
             batches = matching_batches(args.shards, "train", distributed.local_batch(cfg.batch_size, "train"),
                                        cfg.shuffle_buffer, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
-            summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed), validate)
+            summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed), validate,
+                          args.live)
             if not world.main:
                 return
             write_json(work / "summary.json", summary)
@@ -201,7 +206,7 @@ def train_siam(model, tokenizer, image_size: int, cfg: TrainConfig, loss_cfg, sh
     model.requires_grad_(False).eval()
     siam = build_siam(model, image_size, device)
     siam_cfg = dataclasses.replace(cfg, steps=cfg.siam_steps, lr=cfg.siam_lr, optimizer="adam", weight_decay=1e-4,
-                                   lr_decay_every=0, lr_schedule="step", selection="last", ema_decay=0.0,
+                                   lr_decay_every=0, lr_schedule="step", selection="last", eval_every=0, ema_decay=0.0,
                                    ema_as_released_every=0)
     batches = matching_batches(shard_dir, "train", cfg.batch_size, cfg.shuffle_buffer, cfg.seed + 1, cfg.workers)
     (work / "siam").mkdir(exist_ok=True)

@@ -15,6 +15,8 @@ downloaded. The output directory appears only once complete.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -39,7 +41,19 @@ class VocabularyConfig:
     glove_path: Optional[str]  # a local GloVe .txt or .zip; null = no word vectors
     glove_dim: Annotated[int, Field(gt=0)]
     split: str  # the split whose texts make the vocabulary (the training split)
-    texts: Literal["queries", "captions"]  # modification texts (composed) or image captions (matching)
+    # queries: modification texts (composed) | captions: image captions (matching) | auto: as the dataset's
+    # declaration says (queries for a composed-retrieval dataset, captions for a matching one)
+    texts: Literal["auto", "queries", "captions"]
+
+
+def texts_of(cfg: VocabularyConfig, declared: dict | None) -> str:
+    """`cfg.texts` with auto resolved from the dataset's declaration."""
+    if cfg.texts != "auto":
+        return cfg.texts
+    if declared is None:
+        raise StageError("vocabulary.texts: auto reads the dataset's declaration (evaluation.json in the shards), "
+                         "which these shards lack: re-run prepare, resize and shard, or set queries / captions")
+    return "queries" if declared["task"] == "composed" else "captions"
 
 
 def build(shard_dir: Path | str, out: Path | str, cfg: VocabularyConfig) -> dict[str, Any]:
@@ -52,6 +66,7 @@ def build(shard_dir: Path | str, out: Path | str, cfg: VocabularyConfig) -> dict
             raise StageError(f"vocabulary.glove_path: {glove} does not exist (GloVe is never downloaded; "
                              f"put the file there or set vocabulary.glove_path: null)")
     store.read_index(shard_dir)
+    cfg = dataclasses.replace(cfg, texts=texts_of(cfg, store.read_evaluation(shard_dir)))
     if cfg.texts == "queries":
         train_texts = [query["text"] for query in store.iter_queries(shard_dir, cfg.split)]
     else:
@@ -85,13 +100,13 @@ def line(summary: dict[str, Any], cfg: VocabularyConfig, out: Path | str) -> str
             f"{summary['split']} texts{glove} -> {Path(out) / VOCAB_FILE}")
 
 
-def check_params(params_path: Path | str = PARAMS_FILE) -> None:
+def check_params(params_path: Path | str = PARAMS_FILE, declared: dict | None = None) -> None:
     load(VocabularyConfig, "vocabulary", params_path)
 
 
 def vocabulary(shard_dir: Path | str, out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """The stage: read `vocabulary` params, build, return the one-line summary."""
-    check_from("vocabulary", params_path)
+    check_from("vocabulary", params_path, store.read_evaluation(store.location(shard_dir)))
     cfg = load(VocabularyConfig, "vocabulary", params_path)
     return line(build(shard_dir, out, cfg), cfg, out)
 

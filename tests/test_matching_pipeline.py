@@ -8,16 +8,13 @@ import yaml
 
 from tiny_repo import make_tiny_repo, merge, run
 
-MATCHING = {
-    "task": "matching",
+MATCHING = {  # task, vocabulary.texts and model.name stay auto: the dataset declares image-text matching
     "dataset": {"name": "shapes_captions", "shapes_captions": {"image_size": 40, "train_images": 120, "val_images": 20,
                                                                "test_images": 40, "novel_images": 20, "folds": 2}},
-    "vocabulary": {"texts": "captions"},
-    "model": {"name": "dual_encoder"},
     "loss": {"name": "vse"},
     "mine": {"aoq_i2t_k": 20, "aoq_t2i_k": 10},
     # pretrain keeps its best validated weights (AOQ's rule), train steps the towers as the DE release does
-    "pretrain": {"selection": "val_r1_r5", "select_every": 5, "clip_grad_norm": 2.0},
+    "pretrain": {"selection": "val_r1_r5", "eval_every": 5, "clip_grad_norm": 2.0},
     "train": {"aoq_candidate_range": 5, "siam_steps": 3, "optimizer": "adam_two_towers", "text_lr": 1e-4,
               "lr_schedule": "cosine_per_pass", "clip_grad_norm": 30.0},
 }
@@ -58,7 +55,7 @@ def test_matching_runs_every_stage_and_scores_both_directions(matching_repo):
     assert "SIAM 3 steps" in result.stdout and (repo / "data/train/siam.pt").is_file()
     pretrain = json.loads((repo / "metrics/pretrain.json").read_text())
     assert pretrain["selected_step"] in (5, 10, 12) and 0 <= pretrain["selected_val_r1_r5"] <= 400
-    scores = (repo / "data/pretrain/live/plots/metrics/val_r1_r5.tsv").read_text().splitlines()
+    scores = (repo / "data/live/pretrain/plots/metrics/val_r1_r5.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in scores[1:]] == ["5", "10", "12"]
     assert max(float(line.split("\t")[1]) for line in scores[1:]) == pretrain["selected_val_r1_r5"]
     vocab = json.loads((repo / "data/vocab/vocab.json").read_text())
@@ -85,4 +82,5 @@ def test_a_composed_model_is_refused_for_matching(matching_repo):
     result = subprocess.run([sys.executable, "-m", "stages.pretrain", "--shards", "data/shards", "--vocab", "data/vocab",
                              "--out", "data/pretrain"], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 2
-    assert "pretrain.selection: val_rsum scores image-text matching, task is 'composed'; use last" in result.stderr
+    assert ("pretrain.selection: val_rsum is not a composed validation metric; use last or one of val_r1, val_r5, "
+            "val_r10, val_r50, val_r10_r50") in result.stderr

@@ -32,7 +32,13 @@ def test_dvc_repro_runs_every_stage_then_skips_them(tiny_repo):
     whm, test, novel = composed["whm"]["target"], composed["test"]["target"], composed["novel"]["target"]
     assert set(whm) == {"r1", "r5", "r10"}  # whm.definition = splits: one value per recall level
     assert min(test["r10"], novel["r10"]) <= whm["r10"] <= max(test["r10"], novel["r10"])
-    assert (tiny_repo / "data/pretrain/live/plots/metrics/loss.tsv").exists()
+    assert (tiny_repo / "data/live/pretrain/plots/metrics/loss.tsv").exists()
+    for stage, steps in (("pretrain", ["6", "12"]), ("train", ["3", "6"])):  # validation recall on the val split
+        logged = (tiny_repo / f"data/live/{stage}/plots/metrics/val_r10.tsv").read_text().splitlines()
+        assert [row.split("\t")[0] for row in logged[1:]] == steps and all(
+            0 <= float(row.split("\t")[-1]) <= 100 for row in logged[1:])
+    pretrain_metrics = metrics[""]["data"]["metrics/pretrain.json"]["data"]
+    assert {"val_r1", "val_r5", "val_r10", "val_r50", "val_r10_r50"} <= set(pretrain_metrics)
     index = json.loads((tiny_repo / "data/index/index.json").read_text())
     assert index["task"] == "composed" and set(index["splits"]) == {"test", "novel"}
     assert {"test.parquet", "novel.parquet"} <= {p.name for p in (tiny_repo / "data/evaluate").iterdir()}
@@ -101,7 +107,7 @@ def test_gradient_augmentation_switches_on_from_params(tiny_repo):
     set_param(tiny_repo, "ga", "isotropic", True)
     result = run(["dvc", "repro"], tiny_repo)
     assert stages_run(result.stdout) == ["pretrain", "mine", "train", "evaluate", "index"], result.stdout
-    logged = (tiny_repo / "data/pretrain/live/plots/metrics/ga_adversarial.tsv").read_text().splitlines()
+    logged = (tiny_repo / "data/live/pretrain/plots/metrics/ga_adversarial.tsv").read_text().splitlines()
     assert len(logged) > 1 and all(float(row.split("\t")[-1]) > 0 for row in logged[1:])
 
 
@@ -111,6 +117,7 @@ def test_a_bad_evaluate_key_stops_the_first_stage_that_runs(tiny_repo):
     tiny_repo, _ = tiny_repo
     set_param(tiny_repo, "pretrain", "lr", 0.02)  # pretrain is the first stage to re-run
     set_param(tiny_repo, "evaluate", "ks", [10, 1])
+    curve = (tiny_repo / "data/live/pretrain/plots/metrics/loss.tsv").read_text()
     try:
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         result = subprocess.run(["dvc", "repro"], cwd=tiny_repo, env=env, capture_output=True, text=True)
@@ -120,4 +127,5 @@ def test_a_bad_evaluate_key_stops_the_first_stage_that_runs(tiny_repo):
     assert result.returncode != 0
     assert "params.yaml: evaluate.ks: must be increasing and non-empty" in result.stdout + result.stderr
     assert "Running stage 'pretrain'" in result.stdout
-    assert "Running stage 'mine'" not in result.stdout and not list(tiny_repo.glob("data/.pretrain.partial-*/live"))
+    assert "Running stage 'mine'" not in result.stdout and not list(tiny_repo.glob("data/.pretrain.partial-*"))
+    assert (tiny_repo / "data/live/pretrain/plots/metrics/loss.tsv").read_text() == curve  # no step was trained

@@ -9,6 +9,7 @@ import yaml
 from pipelines import recipes
 from pipelines.repro import flatten
 from stages.common.params import parse
+from stages.datasets.registry import load_adapter
 from stages.modeling.factory import ModelConfig
 from stages.train import TrainConfig
 from stages.training.loop import LoopConfig
@@ -39,9 +40,12 @@ def checked(name: str):
     pretrain = parse(LoopConfig, "pretrain", params["pretrain"])
     train = parse(TrainConfig, "train", params["train"])
     ga = parse(GAConfig, "ga", params["ga"])
-    model.check_task(params["task"])
+    declared = load_adapter(params["dataset"]["name"]).EVALUATION.as_json()  # what prepare hands on
+    task = declared["task"] if params["task"] == "auto" else params["task"]
+    assert task == declared["task"], f"{name}: task {task} on a {declared['task']} dataset"
+    model, loss = model.for_task(task), loss.for_task(task)
     loss.check_model(model.name, pretrain.batch_size, "pretrain")
-    check_ga_task(ga, params["task"])
+    check_ga_task(ga, task)
     return params, model, pretrain, train, ga
 
 
@@ -52,7 +56,7 @@ def test_every_method_has_its_recipe():
 @pytest.mark.parametrize("name", sorted(MATCHING))
 def test_each_matching_recipe_is_valid_and_spends_the_same_budget(name):
     params, model, pretrain, train, _ = checked(name)
-    assert params["task"] == "matching" and params["dataset"]["name"] == "shapes_captions"
+    assert params["dataset"]["name"] == "shapes_captions" and model.name == "dual_encoder"
     assert train.offline_negatives == name.startswith("vse_aoq")
     assert (train.siam_steps > 0) == name.endswith("siam")
     budget = {n: (with_recipe(n)["pretrain"]["steps"], with_recipe(n)["train"]["steps"],
@@ -100,7 +104,7 @@ def test_the_ga_recipe_runs_end_to_end_with_its_dvc_flags(tmp_path):
     assert train["steps"] == 0  # the pretrained weights are the model, as the release trains once
     metrics = flatten(json.loads((repo / "metrics" / "evaluate.json").read_text()))
     assert metrics["composed.test.target.gallery"] > 0 and 0 <= metrics["composed.test.target.r1"] <= 100
-    log = (repo / "data" / "pretrain" / "live" / "plots" / "metrics" / "ga_adversarial.tsv").read_text()
+    log = (repo / "data" / "live" / "pretrain" / "plots" / "metrics" / "ga_adversarial.tsv").read_text()
     assert len(log.splitlines()) > 1  # the adversarial term was on
 
 

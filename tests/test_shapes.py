@@ -39,6 +39,8 @@ SMALL = dict(
     novel_combos=4,
     queries_per_reference=4,
     eval_gallery_size=0,
+    val_queries=0,
+    val_gallery_size=0,
 )
 
 
@@ -50,8 +52,8 @@ def small_config(**changes) -> Config:
 def built(tmp_path_factory):
     """One small dataset built on disk: (out_dir, images table, queries table, generated data)."""
     out = tmp_path_factory.mktemp("shapes")
-    images, queries = shapes.build(small_config(), out)
-    return out, images, queries, shapes.generate(small_config())
+    images, queries = shapes.build(small_config(val_queries=10, val_gallery_size=30), out)
+    return out, images, queries, shapes.generate(small_config(val_queries=10, val_gallery_size=30))
 
 
 def image_files(out) -> dict[str, bytes]:
@@ -107,7 +109,7 @@ def test_manifests_validate_and_have_exact_counts(built):
     out, images, queries, _ = built
     manifest.validate(images, queries, out)
     counts = {split: queries.column("split").to_pylist().count(split) for split in shapes.SPLITS}
-    assert counts == {"train": 60, "test": 20, "novel": 20}
+    assert counts == {"train": 60, "test": 20, "novel": 20, "val": 10}
     for q in queries.to_pylist():
         split, number = q["query_id"].split("-")
         assert split == q["split"] and re.fullmatch(r"\d{6}", number)
@@ -120,7 +122,7 @@ def test_manifests_validate_and_have_exact_counts(built):
 
 def test_same_seed_gives_identical_bytes(built, tmp_path):
     out, images, queries, _ = built
-    images2, queries2 = shapes.build(small_config(), tmp_path)
+    images2, queries2 = shapes.build(small_config(val_queries=10, val_gallery_size=30), tmp_path)
     assert images2.equals(images) and queries2.equals(queries)
     assert image_files(tmp_path) == image_files(out)
     assert (tmp_path / "shapes.json").read_bytes() == (out / "shapes.json").read_bytes()
@@ -168,8 +170,8 @@ def test_splits_are_disjoint(built):
         pair = (q["reference_id"], q["text"])
         assert pair not in pairs_by_split[q["split"]], f"duplicate query {pair}"
         pairs_by_split[q["split"]].add(pair)
-    train, test, novel = pairs_by_split.values()
-    assert not (train & test) and not (train & novel) and not (test & novel)
+    assert all(not (pairs_by_split[a] & pairs_by_split[b]) for a in shapes.SPLITS for b in shapes.SPLITS if a < b)
+    assert all(pairs_by_split.values())
 
 
 def test_novel_split_is_really_novel(built):
@@ -307,3 +309,20 @@ def test_missing_param_names_the_key():
 def test_config_is_the_params_yaml_section():
     fields = {f.name for f in dataclasses.fields(Config)}
     assert fields == set(SMALL)
+
+
+def test_a_val_split_is_drawn_last_and_leaves_the_other_splits_as_they_were():
+    without = shapes.generate(small_config())
+    with_val = shapes.generate(small_config(val_queries=15, val_gallery_size=40))
+    kept = {i: s for i, s in with_val.split_of.items() if s != "val"}
+    assert kept == without.split_of  # the same scenes in the same splits, in the same order
+    assert [q for q in with_val.queries if q.split != "val"] == without.queries
+    val_queries = [q for q in with_val.queries if q.split == "val"]
+    assert len(val_queries) == 15 and [q.query_id for q in val_queries][:2] == ["val-000000", "val-000001"]
+    val_images = {i for i, s in with_val.split_of.items() if s == "val"}
+    assert len(val_images) == 40 and not val_images & set(without.split_of)
+    for q in val_queries:  # drawn like test: no held-out pair is named
+        assert image_id(q.reference) in val_images and image_id(q.target) in val_images
+        assert all(obj is None or obj.combo not in with_val.held_out for obj in q.target)
+    with pytest.raises(ValueError, match="val_queries: must be >= 0"):
+        small_config(val_queries=-1)

@@ -10,7 +10,7 @@ from stages.training.loop import LoopConfig, fit
 LOOP = dict(seed=0, steps=6, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, lr_decay_every=3,
             lr_decay=0.5, optimizer="sgd", ema_decay=0.0, ema_as_released_every=0, shuffle_buffer=0, pair_sampling="shuffled", workers=0, device="cpu", checkpoint_every=2, log_every=1,
             compile=False, distributed={"nproc_per_node": 1, "backend": "auto"}, text_lr=0.0, lr_schedule="step",
-            cosine_t_max=2, clip_grad_norm=0.0, selection="last", select_every=100)
+            cosine_t_max=2, clip_grad_norm=0.0, selection="last", eval_every=100, validation_split="auto")
 
 
 def batches(start: int = 0):
@@ -165,10 +165,11 @@ def test_gradient_clipping_bounds_the_step():
 
 
 def test_selection_keeps_the_best_validated_weights_across_a_resume(tmp_path):
-    cfg = parse(LoopConfig, "pretrain", {**LOOP, "selection": "val_rsum", "select_every": 2})
+    cfg = parse(LoopConfig, "pretrain", {**LOOP, "selection": "val_rsum", "eval_every": 2})
     scores = iter([1.0, 5.0, 3.0])  # validated after steps 2, 4 and 6
     selected = fresh_model()
-    summary = fit(selected, batches(), regression_step, cfg, tmp_path / "a", "test", validate=lambda m: next(scores))
+    summary = fit(selected, batches(), regression_step, cfg, tmp_path / "a", "test",
+                  validate=lambda m: {"val_rsum": next(scores)})
     assert summary["selected_step"] == 4 and summary["selected_val_rsum"] == 5.0
     at_step_4 = fresh_model()
     fit(at_step_4, batches(), regression_step, parse(LoopConfig, "pretrain", {**LOOP, "steps": 4}), tmp_path / "b", "test")
@@ -182,11 +183,53 @@ def test_selection_keeps_the_best_validated_weights_across_a_resume(tmp_path):
 
     scores = iter([1.0, 5.0, 3.0])
     with pytest.raises(RuntimeError, match="power cut"):
-        fit(fresh_model(), batches(), crash_at_step_5, cfg, tmp_path / "c", "test", validate=lambda m: next(scores))
+        fit(fresh_model(), batches(), crash_at_step_5, cfg, tmp_path / "c", "test",
+            validate=lambda m: {"val_rsum": next(scores)})
     resumed = fresh_model()  # the checkpoint at step 4 carries the best weights so far (step 4, score 5)
-    summary = fit(resumed, batches(start=4), regression_step, cfg, tmp_path / "c", "test", validate=lambda m: 4.0)
+    summary = fit(resumed, batches(start=4), regression_step, cfg, tmp_path / "c", "test",
+                  validate=lambda m: {"val_rsum": 4.0})
     assert summary["selected_step"] == 4
     for a, b in zip(resumed.parameters(), at_step_4.parameters()):
         assert torch.allclose(a, b)
     with pytest.raises(ValueError, match="needs a validate function"):
         fit(fresh_model(), batches(), regression_step, cfg, tmp_path / "d", "test")
+
+
+def test_curves_go_to_the_live_folder_as_training_goes_and_a_resumed_run_continues_them(tmp_path):
+    """The live folder is outside the staged output: its rows are on disk before the run ends (read here from
+    inside a validate call at step 4), a resumed run keeps the rows up to its checkpoint and appends, and a new
+    run starts the curves afresh."""
+    live = tmp_path / "live"
+    cfg = parse(LoopConfig, "pretrain", {**LOOP, "eval_every": 2, "log_every": 1, "checkpoint_every": 2})
+    seen_mid_run = {}
+
+    def validate(model, step=itertools.count(2, 2)):
+        at = next(step)
+        if at == 4:
+            seen_mid_run["loss"] = (live / "plots/metrics/loss.tsv").read_text().splitlines()
+            seen_mid_run["val"] = (live / "plots/metrics/val_r1.tsv").read_text().splitlines()
+        return {"val_r1": float(at), "val_r10": 2.0 * at}
+
+    def crash_at_step_5(model, batch, calls=itertools.count()):
+        if next(calls) == 5:
+            raise RuntimeError("power cut")
+        return regression_step(model, batch)
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(fresh_model(), batches(), crash_at_step_5, cfg, tmp_path / "work", "test", validate=validate,
+            live_dir=live)
+    assert [row.split("\t")[0] for row in seen_mid_run["loss"][1:]] == ["1", "2", "3"]  # while it ran
+    assert seen_mid_run["val"][1:] and seen_mid_run["val"][1].split("\t")[0] == "2"
+    assert not (tmp_path / "work" / "live").exists()  # nothing inside the staged output
+
+    fit(fresh_model(), batches(start=4), regression_step, cfg, tmp_path / "work", "test",
+        validate=lambda m: {"val_r1": 9.0, "val_r10": 9.0}, live_dir=live)
+    loss_steps = [int(row.split("\t")[0]) for row in (live / "plots/metrics/loss.tsv").read_text().splitlines()[1:]]
+    assert loss_steps == [1, 2, 3, 4, 5, 6]  # rows after the step-4 checkpoint were redone once, not twice
+    val = [row.split("\t") for row in (live / "plots/metrics/val_r1.tsv").read_text().splitlines()[1:]]
+    assert [(int(r[0]), float(r[-1])) for r in val] == [(2, 2.0), (4, 4.0), (6, 9.0)]
+
+    fit(fresh_model(), batches(), regression_step, parse(LoopConfig, "pretrain", {**LOOP, "steps": 2, "log_every": 1}),
+        tmp_path / "new", "test", live_dir=live)
+    assert [row.split("\t")[0] for row in (live / "plots/metrics/loss.tsv").read_text().splitlines()[1:]] == ["1", "2"]
+    assert not (live / "plots/metrics/val_r1.tsv").exists()  # a new run: the old curves are gone

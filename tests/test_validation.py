@@ -7,6 +7,7 @@ import yaml
 
 from stages.common.params import ParamsError
 from stages.common.validation import check_from, stage_order
+from stages.datasets.shapes import EVALUATION as SHAPES_EVALUATION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,9 +30,10 @@ def test_stage_order_names_the_module_each_cmd_runs_and_none_for_a_users_stage(p
 
 def test_a_users_own_stage_is_not_imported_but_a_bad_later_key_still_stops_the_first_stage(project):
     params = project / "params.yaml"
-    check_from("prepare", params)  # a stage that runs no `python -m stages.X` is not cirflow's to check
+    declared = SHAPES_EVALUATION.as_json()  # what prepare hands on: the dataset's declaration
+    check_from("prepare", params, declared)  # a stage that runs no `python -m stages.X` is not cirflow's to check
     values = yaml.safe_load(params.read_text())
     values["evaluate"]["ks"] = [10, 1]
     params.write_text(yaml.safe_dump(values, sort_keys=False))
     with pytest.raises(ParamsError, match="evaluate.ks"):
-        check_from("prepare", params)
+        check_from("prepare", params, declared)

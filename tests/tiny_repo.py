@@ -11,14 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "resize", "shard", "vocabulary", "pretrain", "mine", "train", "evaluate", "index"]
 TINY = {
     "dataset": {"shapes": {"image_size": 40, "train_queries": 240, "test_queries": 60, "novel_queries": 60,
-                            "eval_gallery_size": 0}},
+                            "eval_gallery_size": 0, "val_queries": 20, "val_gallery_size": 60}},
     "parallel": {"workers": 1},  # tests/test_parallel.py runs prepare/resize/shard in parallel
     "resize": {"size": 32},
     "shard": {"maxcount": 100},
     "model": {"embed_dim": 32, "image": {"channels": [8, 16]}, "text": {"embed_dim": 16, "hidden_dim": 16}},
-    "pretrain": {"steps": 12, "batch_size": 16, "checkpoint_every": 5, "log_every": 4, "workers": 0},
+    "pretrain": {"steps": 12, "batch_size": 16, "checkpoint_every": 5, "log_every": 4, "workers": 0, "eval_every": 6},
     "mine": {"k": 5, "batch_size": 64},
-    "train": {"steps": 6, "batch_size": 16, "checkpoint_every": 5, "log_every": 2, "workers": 0},
+    "train": {"steps": 6, "batch_size": 16, "checkpoint_every": 5, "log_every": 2, "workers": 0, "eval_every": 3},
     "evaluate": {"ks": [1, 5, 10], "batch_size": 64, "whm": {"weights": [1.0, 1.0, 1.0]}},
 }
 
@@ -37,6 +37,7 @@ def model_params(**changes) -> dict:
     import yaml
 
     base = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text())["model"])
+    base["name"] = "tirg"  # params.yaml says auto: the composed default, resolved as the stages resolve it
     return merge(base, changes)
 
 

@@ -101,12 +101,21 @@ def load(cls: type[T], name: str, path: Path | str = PARAMS_FILE) -> T:
 
 
 TASKS = ("composed", "matching")
+AUTO = "auto"
 
 
-def read_task(path: Path | str = PARAMS_FILE) -> str:
-    """The top-level `task`: composed (reference image + text -> image) or matching (caption <-> image)."""
+def read_task(path: Path | str = PARAMS_FILE, declared: dict | None = None) -> str:
+    """The top-level `task`: composed (reference image + text -> image), matching (caption <-> image) or auto: the
+    task the dataset declares (`declared`: its evaluation declaration, stages.datasets.evaluation, as prepare
+    writes it and the shards carry it)."""
     task = read_yaml(Path(path)).get("task")
+    if task == AUTO:
+        if declared is None:
+            raise ParamsError(f"{path}: task: auto reads the dataset's declaration (evaluation.json, written by prepare "
+                              f"and carried by resize and shard), which these inputs lack: re-run prepare, resize "
+                              f"and shard, or set task to one of {', '.join(TASKS)}")
+        return declared["task"]
     if task not in TASKS:
-        raise ParamsError(f"{path}: task: must be one of {', '.join(TASKS)}, got {task!r}")
+        raise ParamsError(f"{path}: task: must be one of {AUTO}, {', '.join(TASKS)}, got {task!r}")
     return task
 

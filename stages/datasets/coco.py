@@ -42,7 +42,7 @@ from stages.datasets.download import DownloadConfig, Item, sha256_of
 from stages.common.params import require, section
 from stages.datasets.evaluation import Evaluation
 
-EVALUATION = Evaluation(splits=("test",))  # image-text matching: COCO 5K and, from folds.json, 1K
+EVALUATION = Evaluation(splits=("test",), validation="val")  # image-text matching: COCO 5K and, from folds.json, 1K
 
 DATASET = karpathy.Dataset(
     name="coco",

@@ -1,7 +1,8 @@
 """How a dataset is evaluated, as its adapter declares it, carried with the data.
 
-Each adapter module has `EVALUATION`: the splits scored, the composed-retrieval protocols, the recall levels and
-the WHM reading its papers use. `prepare` writes it as evaluation.json, `resize` and `shard` pass it on, and
+Each adapter module has `EVALUATION`: the splits scored, the composed-retrieval protocols (none: an image-text
+matching dataset, so `task: auto` reads the task from it too), the recall levels, the WHM reading its papers use and
+the split, if any, that training validates on (`pretrain.validation_split: auto`). `prepare` writes it as evaluation.json, `resize` and `shard` pass it on, and
 `evaluate`'s params that say `auto` (splits, protocols, ks, whm.definition, whm.weights) read it from the shards,
 so `dvc exp run -S dataset.name=css3d` scores CSS3D as CSS3D is scored, with no other switch.
 """
@@ -24,10 +25,16 @@ class Evaluation:
     ks: tuple[int, ...] = (1, 5, 10, 50)
     whm_definition: str = "recall_levels"  # splits: (seen, unseen), needs two splits | recall_levels: per split
     whm_weights: tuple[float, ...] | None = None  # recall_levels: one per k; None = all 1
+    validation: str | None = None  # the split that eval_every / selection score during training; None = none declared
+
+    @property
+    def task(self) -> str:
+        return "composed" if self.protocols else "matching"
 
     def as_json(self) -> dict:
         out = asdict(self)
         out["whm_weights"] = list(self.whm_weights or [1.0] * len(self.ks))
+        out["task"] = self.task
         return out
 
 
@@ -44,4 +51,10 @@ def read(path: Path) -> dict:
     missing = {"splits", "protocols", "ks", "whm_definition", "whm_weights"} - set(data)
     if missing:
         raise StageError(f"{path}: not an evaluation declaration (missing {sorted(missing)})")
-    return data
+    return {"validation": None, "task": "composed" if data["protocols"] else "matching", **data}  # older files
+
+
+def declared_in(folder: Path | str) -> dict | None:
+    """The declaration a stage's input folder carries (prepare's or resize's output), or None."""
+    path = Path(folder) / EVALUATION_FILE
+    return read(path) if path.is_file() else None

@@ -32,7 +32,7 @@ from stages.datasets.download import DownloadConfig
 from stages.common.params import section
 from stages.datasets.evaluation import Evaluation
 
-EVALUATION = Evaluation(splits=("test",))  # image-text matching: Flickr30K 1K
+EVALUATION = Evaluation(splits=("test",), validation="val")  # image-text matching: Flickr30K 1K
 
 DATASET = karpathy.Dataset(
     name="flickr30k",

@@ -8,6 +8,8 @@ Splits:
     train, test   no object anywhere in them uses a held-out (shape, colour) pair
     novel         the object the text names, in its target state, uses a held-out pair, so the
                   model must compose a shape and a colour it never saw together
+    val           (with val_queries > 0) drawn as test, after everything else, for validation during training:
+                  its gallery topped up with distractors to val_gallery_size; the other splits do not depend on it
 
 Every scene is one image whatever query uses it (its id hashes the scene) and every image belongs
 to exactly one split. With `eval_gallery_size` the test and novel galleries are topped up to that many images with
@@ -39,7 +41,8 @@ from stages.common.parallel import SERIAL, ParallelConfig, map_items
 from stages.common.params import ParamsError, require, section
 from stages.datasets.evaluation import Evaluation
 
-EVALUATION = Evaluation(splits=("test", "novel"), protocols=("target",), ks=(1, 5, 10, 50), whm_definition="splits")
+EVALUATION = Evaluation(splits=("test", "novel"), protocols=("target",), ks=(1, 5, 10, 50), whm_definition="splits",
+                        validation="val")
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -64,7 +67,8 @@ BACKGROUND = (18, 18, 24)
 # Half the side of an object's bounding box, as a fraction of a grid cell.
 HALF_EXTENT = {"small": 0.24, "large": 0.42}
 
-SPLITS = ("train", "test", "novel")
+SPLITS = ("train", "test", "novel", "val")
+REQUIRED_SPLITS = ("train", "test", "novel")  # val is optional (val_queries 0: none)
 # novel first: its queries are the hardest to draw, so they get first pick of the scenes.
 GENERATION_ORDER = ("novel", "test", "train")
 KINDS = ("add", "remove", "colour", "size", "move")
@@ -84,6 +88,8 @@ class Config:
     novel_combos: int
     queries_per_reference: int
     eval_gallery_size: int = 0  # test and novel galleries topped up with distractors to this many images; 0 = none
+    val_queries: int = 0        # the validation split's queries; 0 = no val split
+    val_gallery_size: int = 0   # its gallery topped up with distractors to this many images; 0 = none
 
     def __post_init__(self) -> None:
         require(self.image_size >= 16, "image_size", f"must be at least 16 pixels, got {self.image_size}")
@@ -94,9 +100,11 @@ class Config:
             f"must be in min_objects..{CELLS} ({self.min_objects}..{CELLS}), got {self.max_objects}",
         )
         require(self.eval_gallery_size >= 0, "eval_gallery_size", f"must be >= 0, got {self.eval_gallery_size}")
+        require(self.val_queries >= 0, "val_queries", f"must be >= 0, got {self.val_queries}")
+        require(self.val_gallery_size >= 0, "val_gallery_size", f"must be >= 0, got {self.val_gallery_size}")
         require(self.queries_per_reference > 0, "queries_per_reference",
                 f"must be > 0, got {self.queries_per_reference}")
-        for split in SPLITS:
+        for split in REQUIRED_SPLITS:
             count = self.query_count(split)
             require(count > 0, f"{split}_queries", f"must be > 0, got {count}")
         require(
@@ -316,14 +324,17 @@ def near_misses(query: Query, cfg: Config, named_combos: list[tuple[str, str]]) 
 def _add_distractors(rng: random.Random, cfg: Config, split: str, allowed: list[tuple[str, str]],
                      held_out: list[tuple[str, str]], queries: list[Query], split_of: dict[str, str],
                      scenes: dict[str, Scene]) -> int:
-    """Register distractor scenes in `split` until its gallery holds cfg.eval_gallery_size images; returns how
-    many were added. A distractor is never a scene of any split already (so no query's answer changes)."""
+    """Register distractor scenes in `split` until its gallery holds cfg.eval_gallery_size images (val:
+    cfg.val_gallery_size); returns how many were added. A distractor is never a scene of any split already (so no
+    query's answer changes)."""
     named_combos = held_out if split == "novel" else allowed
     have = sum(1 for s in split_of.values() if s == split)
+    size_key = "val_gallery_size" if split == "val" else "eval_gallery_size"
+    gallery_size = getattr(cfg, size_key)
     added = failed = 0
-    while have + added < cfg.eval_gallery_size:
+    while have + added < gallery_size:
         if failed >= MAX_FAILED_DRAWS:
-            raise ParamsError(f"dataset.shapes.eval_gallery_size: could find only {have + added} distinct {split} "
+            raise ParamsError(f"dataset.shapes.{size_key}: could find only {have + added} distinct {split} "
                               f"scenes ({failed} draws in a row failed); lower it or widen min_objects..max_objects")
         options = near_misses(rng.choice(queries), cfg, named_combos)
         scene = rng.choice(options) if options else None
@@ -351,6 +362,10 @@ def generate(cfg: Config) -> ShapesData:
     }
     for split in ("test", "novel"):  # after every query is drawn, so the queries do not depend on it
         _add_distractors(rng, cfg, split, allowed, held_out, by_split[split], split_of, scenes)
+    by_split["val"] = []
+    if cfg.val_queries:  # last: the other splits are the same with and without it
+        by_split["val"] = _generate_split(rng, cfg, "val", allowed, held_out, split_of, scenes)
+        _add_distractors(rng, cfg, "val", allowed, held_out, by_split["val"], split_of, scenes)
     ordered_ids = sorted(scenes, key=lambda i: SPLITS.index(split_of[i]))  # stable: first use within a split
     return ShapesData(
         held_out=tuple(held_out),
@@ -424,8 +439,8 @@ def summary(data: ShapesData) -> dict:
     queries = Counter(q.split for q in data.queries)
     return {
         "held_out_combos": [list(combo) for combo in data.held_out],
-        "images": {split: images[split] for split in SPLITS},
-        "queries": {split: queries[split] for split in SPLITS},
+        "images": {split: images[split] for split in SPLITS if split in REQUIRED_SPLITS or images[split]},
+        "queries": {split: queries[split] for split in SPLITS if split in REQUIRED_SPLITS or queries[split]},
         "queries_by_kind": dict(sorted(Counter(q.kind for q in data.queries).items())),
     }
 

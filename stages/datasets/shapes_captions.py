@@ -35,7 +35,7 @@ from stages.datasets.manifest import IMAGES_SCHEMA
 from stages.datasets.shapes import ALL_COMBOS, CELLS, SIZES, Obj, Scene, image_id, image_path, write_scene
 from stages.datasets.evaluation import Evaluation
 
-EVALUATION = Evaluation(splits=("test", "novel"))  # image-text matching: evaluate.matching_ks
+EVALUATION = Evaluation(splits=("test", "novel"), validation="val")  # image-text matching: evaluate.matching_ks
 
 SPLITS = ("train", "val", "test", "novel")
 MAX_FAILED_DRAWS = 20_000

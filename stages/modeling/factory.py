@@ -10,6 +10,7 @@ Every composition model offers the same four calls, which is all the stages use:
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import asdict
@@ -32,6 +33,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
 ModelName = Literal[tuple(MODELS)]  # an unknown model.name is a params error listing these
 MATCHING_MODELS = tuple(name for name, entry in MODELS.items() if entry.task == "matching")  # caption <-> image
+DEFAULT_MODELS = {"composed": "tirg", "matching": "dual_encoder"}  # model.name: auto
 RESNET_DEPTH = {"resnet18": 18, "resnet50": 50}
 
 
@@ -80,7 +82,7 @@ class AMCConfig:
 
 @section
 class ModelConfig:
-    name: ModelName
+    name: Literal["auto", ModelName]  # auto: the task's default model (DEFAULT_MODELS)
     embed_dim: PositiveInt
     image: ImageConfig
     text: TextConfig
@@ -89,8 +91,17 @@ class ModelConfig:
     val: VALConfig
     amc: AMCConfig
 
+    def for_task(self, task: str) -> "ModelConfig":
+        """This config with `auto` resolved to the task's default model; a ParamsError when the model cannot do
+        `task`. Stages build and save the resolved config, so a checkpoint names its model."""
+        resolved = self if self.name != "auto" else dataclasses.replace(self, name=DEFAULT_MODELS[task])
+        resolved.check_task(task)
+        return resolved
+
     def check_task(self, task: str) -> None:
         """Raise a ParamsError naming model.name when the model cannot do `task`."""
+        if self.name == "auto":
+            raise ValueError("model.name auto: resolve it with for_task(task) first")
         if (task == "matching") != (self.name in MATCHING_MODELS):
             kind = "image-text matching" if self.name in MATCHING_MODELS else "composed retrieval"
             raise ParamsError(f"{PARAMS_FILE}: model.name: '{self.name}' is a {kind} model, task is '{task}'")
@@ -222,6 +233,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, image_size: int, load_weights
                 word_vectors: torch.Tensor | None = None) -> nn.Module:
     """A freshly initialised model. `model.image.weights` is read from local disk; `word_vectors`
     (vocab_size x text.embed_dim, e.g. GloVe rows) initialise the word embedding of the LSTM encoders."""
+    if cfg.name == "auto":
+        raise ValueError("model.name auto: resolve it with ModelConfig.for_task(task) before building")
     weights = read_image_weights(cfg.image) if load_weights else None
     model = MODELS[cfg.name].build(Parts(cfg, vocab_size, image_size, weights))
     if word_vectors is not None:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from typing_extensions import Annotated
 from torch.nn.parallel import DistributedDataParallel
 
 from stages.training.ema import EMA
+from stages.training.selection import SELECTIONS
 from stages.common import distributed
 from stages.common.atomic import atomic_path, partial_dir, staged_dir
 from stages.common.distributed import DistributedConfig
@@ -55,10 +57,13 @@ class LoopConfig:
     lr_schedule: Literal["step", "cosine_per_pass"]
     cosine_t_max: Annotated[int, Field(gt=0)]
     clip_grad_norm: Annotated[float, Field(ge=0)]  # clip the stepped parameters' gradient norm to this; 0 = off
-    # last: the last weights are the model | val_rsum / val_r1_r5 (task matching): the weights with the best
-    # validation R@1+5+10 / R@1+5 (AOQ's) summed over both directions, checked every select_every steps and at the end
-    selection: Literal["last", "val_rsum", "val_r1_r5"]
-    select_every: PositiveInt
+    # validation recall on validation_split every eval_every steps and at the end, logged as metrics and plots
+    # (stages.training.selection); 0 = none
+    eval_every: Annotated[int, Field(ge=0)]
+    # last: the last weights are the model | a validation metric: the weights with its best value (composed:
+    # val_r1, val_r5, val_r10, val_r50, val_r10_r50; matching: val_rsum, val_r1_r5)
+    selection: Literal[SELECTIONS]
+    validation_split: str  # auto: the split the dataset declares for validation (shapes, shapes_captions: val)
     ema_decay: Annotated[float, Field(ge=0, lt=1)]  # EMA of the weights, saved as the model; 0 = off
     ema_as_released_every: Annotated[int, Field(ge=0)]  # AMC quirk: every N steps train on from the EMA weights
     shuffle_buffer: Annotated[int, Field(ge=0)]
@@ -75,6 +80,8 @@ class LoopConfig:
     def __post_init__(self):
         require(self.ema_as_released_every == 0 or self.ema_decay > 0, "ema_as_released_every",
                 "needs ema_decay > 0")
+        require(self.selection == "last" or self.eval_every > 0, "selection",
+                f"{self.selection} keeps the best validated weights: set eval_every > 0")
         require(self.selection == "last" or self.ema_decay == 0, "selection",
                 f"{self.selection} picks among the trained weights; it cannot be combined with ema_decay > 0")
 
@@ -184,19 +191,26 @@ def fit(
     work_dir: Path,
     name: str,
     after_backward: Callable[[torch.nn.Module], None] | None = None,
-    validate: Callable[[torch.nn.Module], float] | None = None,
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    live_dir: Path | None = None,
 ) -> dict[str, float]:
     """Run cfg.steps optimiser steps; resume from `work_dir/resume.pt` when a crashed run left one.
 
     `batches` is an iterator, or a function of the first step that returns one (a sampler that can resume
-    where the crashed run stopped). Logs loss and learning rate with dvclive under `work_dir/live`; returns a
-    one-line summary.
+    where the crashed run stopped). Logs loss, learning rate and validation scores with dvclive under `live_dir`
+    (default `work_dir/live`), as they come: a stage gives a folder outside its staged output, so `dvc plots show`
+    reads the curves while it runs; a fresh run starts the folder anew, a resumed one continues its curves.
+    Returns a one-line summary.
     `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
-    `validate(model)` (needed unless cfg.selection is "last") scores the weights, higher is better; the best
-    weights are the model at the end.
+    `validate(model)` (None: no validation) scores the weights every cfg.eval_every steps and at the end,
+    {metric: score}, higher is better; with cfg.selection other than "last", the weights with the best score of
+    that name are the model at the end.
     """
-    if (cfg.selection != "last") != (validate is not None):
-        raise ValueError(f"selection {cfg.selection!r} needs a validate function (and 'last' none)")
+    if cfg.selection != "last" and validate is None:
+        raise ValueError(f"selection {cfg.selection!r} needs a validate function")
+    if cfg.eval_every == 0 and validate is not None:
+        raise ValueError("eval_every 0: validate would never be called")
+    live_dir = Path(live_dir) if live_dir is not None else work_dir / "live"
     optimizers = make_optimizers(model, cfg, name)
     optimizer = optimizers[0][0]
     selected = {"score": float("-inf"), "step": 0, "weights": None}
@@ -218,11 +232,16 @@ def fit(
         torch.set_rng_state(state["rng"])
         start = state["step"]
         if main:
-            forget_logs_after(work_dir / "live", start)
+            forget_logs_after(live_dir, start)
             print(f"{name}: resuming at step {start} from {resume_file}")
     if callable(batches):
         batches = batches(start)
-    live = Live(dir=str(work_dir / "live"), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None) if main else None
+    if main and start == 0 and live_dir.exists():  # a new run: the curves of an earlier one go
+        shutil.rmtree(live_dir)
+    live = Live(dir=str(live_dir), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None) if main else None
+    if main:  # the stage's declared plots folder exists even when nothing is logged (train.steps 0)
+        (live_dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    scores: dict[str, float] = {}
     model.train()
     step_once = data_parallel(model, step_fn)
     # the running loss stays on the device and is read at log and checkpoint steps only: reading it
@@ -259,16 +278,18 @@ def fit(
         loss_sum, loss_count = loss_sum + loss.detach().double(), loss_count + 1
         log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
         checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
-        if validate is not None and ((step + 1) % cfg.select_every == 0 or step + 1 == cfg.steps):
+        if validate is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
-            score = distributed.broadcast(validate(model) if main else None)
+            scores = distributed.broadcast(validate(model) if main else None)
             model.train()
-            if score > selected["score"]:
-                selected = {"score": score, "step": step + 1,
+            if cfg.selection != "last" and scores[cfg.selection] > selected["score"]:
+                selected = {"score": scores[cfg.selection], "step": step + 1,
                             "weights": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
             if main:
                 live.step = step + 1
-                live.log_metric(cfg.selection, score)
+                for metric, value in scores.items():
+                    live.log_metric(metric, value)
+                tqdm.write(f"{name}: step {step + 1} " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         if not (log_now or checkpoint_now):
             continue
         if not torch.isfinite(loss_sum):  # before a checkpoint or the saved model can hold it
@@ -303,6 +324,7 @@ def fit(
     seconds = time.time() - began
     summary = {"steps": cfg.steps - start, "seconds": round(seconds, 1),
                "steps_per_s": round((cfg.steps - start) / max(seconds, 1e-9), 2)}
-    if validate is not None:
+    summary.update({metric: round(value, 2) for metric, value in scores.items()})  # the last validation
+    if cfg.selection != "last":
         summary.update(selected_step=selected["step"], **{f"selected_{cfg.selection}": round(selected["score"], 2)})
     return summary

@@ -14,6 +14,7 @@ Image-text matching (model dual_encoder):
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Literal
@@ -33,11 +34,14 @@ from stages.common.params import PARAMS_FILE, ParamsError, require, section
 from stages.modeling.factory import MATCHING_MODELS, ModelName, as_vector
 
 NonNegative = Annotated[float, Field(ge=0)]
+# loss.name: auto. Matching: InfoNCE with a learned temperature learns from scratch at the embedded data's budget
+# (README, "Image-text matching"); the papers' own losses are the recipes' (pipelines/recipes/).
+DEFAULT_LOSSES = {"composed": "bbc", "matching": "info_nce"}
 
 
 @section
 class LossConfig:
-    name: Literal[tuple(LOSSES)]  # an unknown loss.name is a params error listing these
+    name: Literal[("auto", *LOSSES)]  # auto: the task's default (DEFAULT_LOSSES); an unknown name lists these
     soft_triplet_half_gradient: bool   # quirk: google/tirg's hand-written backward halves the gradient
     ga_mse_weight: NonNegative         # quirk: the GA repo adds w·mean((q̂ - t̂)²) to bbc/soft_triplet (0.001)
     composeae_weights: list[NonNegative]  # (L_base, L_RI, L_RT, L_RS)
@@ -56,8 +60,14 @@ class LossConfig:
     def __post_init__(self):
         require(len(self.composeae_weights) == 4, "composeae_weights", "needs 4 weights (base, RI, RT, RS)")
 
+    def for_task(self, task: str) -> "LossConfig":
+        """This config with `auto` resolved to the task's default loss."""
+        return self if self.name != "auto" else dataclasses.replace(self, name=DEFAULT_LOSSES[task])
+
     def check_model(self, model_name: ModelName, batch_size: int, loop_section: str) -> None:
         """Raise a ParamsError naming the keys when this loss cannot train this model or batch size."""
+        if "auto" in (self.name, model_name):
+            raise ValueError("loss.name / model.name auto: resolve them with for_task(task) first")
         entry = LOSSES[self.name]
         if entry.task == "composed" and model_name in MATCHING_MODELS:
             matching = ", ".join(name for name, e in LOSSES.items() if e.task == "matching")
