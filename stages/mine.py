@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     missing = [r["target_id"] for r in records if r["target_id"] not in position]
     if missing:
         raise StageError(f"{args.shards}: train target {missing[0]!r} is not in the train gallery shards")
-    never = never_negatives(records, gallery_ids, gallery_captions)
+    by_caption = "caption" in ((declared or {}).get("protocols") or ())  # the dataset's own protocols decide
+    never = never_negatives(records, gallery_ids, gallery_captions, by_caption)
     scores, indices = hard_negatives(features["composed"], never, gallery, cfg, device)
     with staged_dir(args.out) as work, atomic_path(work / NEGATIVES_FILE) as tmp:
         pq.write_table(to_table([r["query_id"] for r in records], gallery_ids, scores, indices), tmp)

@@ -11,8 +11,9 @@ metrics/evaluate.json must report exactly the splits and protocols (composed) or
 
 Generated data is about the smallest each adapter accepts at its declared recall levels (R@K needs a gallery of
 K + 1 images: the reference is left out). Where a real excerpt's gallery is smaller than that (Shoes, FashionIQ),
-evaluate.ks is set in params.yaml for that run, with the reason beside it. CIRR and Shoes stop in `mine` on a
-pipeline bug (KNOWN_BUGS): they are expected failures, on that exact error only, until it is fixed.
+evaluate.ks is set in params.yaml for that run, with the reason beside it. CIRR (every image captioned '') and
+Shoes (uncaptioned images share '') are here because they found that `mine` excluded same-caption images as
+negatives under every protocol, not only under `caption`.
 """
 from __future__ import annotations
 
@@ -176,18 +177,6 @@ def flickr30k(tmp, request):
     return section(flickr30k_config(raw)), {}
 
 
-# Runs stopped by a pipeline bug, not by this test: dataset -> (the error they end with, the bug).
-NEGATIVES_BUG = (
-    "stages/retrieval/negatives.py never_negatives excludes, for every training query, each train image whose "
-    "caption equals the target's, whatever the protocol; {} so `mine` is left with too few images")
-KNOWN_BUGS = {
-    "cirr": ("may be given only 0 train gallery images as negatives",
-             NEGATIVES_BUG.format("every CIRR image has the caption '' (CIRR has none), so every image is excluded,")),
-    "shoes": ("may be given only 2 train gallery images as negatives",
-              NEGATIVES_BUG.format("Shoes images without a captions_shoes.json entry all have the caption '' "
-                                   "(81 of the 83 train images here), so all of them are excluded for such a target,")),
-}
-
 DATASETS = {f.__name__: f for f in (css3d, mitstates, fashion200k, shoes, cirr, fashioniq, coco, flickr30k)}
 SECONDS: dict[str, float] = {}
 
@@ -228,13 +217,7 @@ def test_dataset_name_alone_runs_to_evaluate(repo, name, tmp_path, request):
     commit(repo, f"every dataset: {name} raw data")
 
     began = time.perf_counter()
-    try:
-        result = run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"dataset.name={name}"], repo)
-    except AssertionError as failed:
-        SECONDS[name] = round(time.perf_counter() - began, 1)
-        if name in KNOWN_BUGS and KNOWN_BUGS[name][0] in str(failed):
-            pytest.xfail(KNOWN_BUGS[name][1])
-        raise
+    result = run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"dataset.name={name}"], repo)
     SECONDS[name] = round(time.perf_counter() - began, 1)
     print(f"{name}: dvc exp run {SECONDS[name]} s")
     for stage in STAGES:
@@ -267,4 +250,3 @@ def test_dataset_name_alone_runs_to_evaluate(repo, name, tmp_path, request):
                     recalls = result.get("average", result)  # FashionIQ: per category, and their average
                     assert {key for key in recalls if key.startswith("r")} == {f"r{k}" for k in ks}, result
                     assert all(0 <= recalls[f"r{k}"] <= 100 for k in ks)
-    assert name not in KNOWN_BUGS, f"{name} runs now: take it out of KNOWN_BUGS"

@@ -153,7 +153,7 @@ def test_mining_matches_brute_force_and_never_returns_the_target(tmp_path):
     assert len(negatives) == 40 and all(len(v) == 5 for v in negatives.values())
 
 
-def test_mined_negatives_never_hold_the_reference_or_an_image_with_the_target_caption():
+def test_mined_negatives_never_hold_the_reference_or_under_the_caption_protocol_an_image_with_its_caption():
     g = torch.Generator().manual_seed(2)
     gallery_ids = [f"img{i}" for i in range(12)]
     captions = ["red circle", "blue square", "red circle", "green", "blue square", "red circle"] + \
@@ -161,8 +161,11 @@ def test_mined_negatives_never_hold_the_reference_or_an_image_with_the_target_ca
     records = [{"query_id": "q0", "reference_id": "img3", "target_id": "img0"},   # target caption on img2, img5
                {"query_id": "q1", "reference_id": "img0", "target_id": "img4"},   # target caption on img1
                {"query_id": "q2", "reference_id": "elsewhere", "target_id": "img7"}]  # reference not in the gallery
-    never = never_negatives(records, gallery_ids, captions)
+    never = never_negatives(records, gallery_ids, captions, by_caption=True)
     assert [sorted(i for i in row.tolist() if i >= 0) for row in never] == [[0, 2, 3, 5], [0, 1, 4], [7]]
+    # under the target protocol a shared caption is no answer: only the target and the reference are kept out
+    unscored = never_negatives(records, gallery_ids, captions, by_caption=False)
+    assert [sorted(i for i in row.tolist() if i >= 0) for row in unscored] == [[0, 3], [0, 4], [7]]
     # queries that sit right on the excluded images: without the rule they would be mined first
     gallery = torch.randn(12, 6, generator=g)
     queries = torch.stack([gallery[[0, 2, 3, 5]].sum(0), gallery[[0, 1, 4]].sum(0), gallery[7]])

@@ -20,9 +20,12 @@ NEGATIVES_SCHEMA = pa.schema(
 )
 
 
-def never_negatives(records: list[dict], gallery_ids: list[str], gallery_captions: list[str]) -> torch.Tensor:
-    """Q x m gallery indices (-1 = padding) no query may be given as a negative: its target, its reference image,
-    and every image whose caption is the target's (a correct hit under the caption protocol)."""
+def never_negatives(records: list[dict], gallery_ids: list[str], gallery_captions: list[str],
+                    by_caption: bool) -> torch.Tensor:
+    """Q x m gallery indices (-1 = padding) no query may be given as a negative: its target, its reference image
+    and, when the dataset is scored by the caption protocol (`by_caption`), every image whose caption is the
+    target's (a correct hit there). Under the other protocols a caption is no answer (CIRR's and uncaptioned Shoes
+    images share the empty caption, FashionIQ's the category), so same-caption images stay negatives."""
     position = {image_id: i for i, image_id in enumerate(gallery_ids)}
     with_caption: dict[str, list[int]] = {}
     for i, caption in enumerate(gallery_captions):
@@ -30,7 +33,7 @@ def never_negatives(records: list[dict], gallery_ids: list[str], gallery_caption
     rows = []
     for record in records:
         target = position[record["target_id"]]
-        row = {target, *with_caption[gallery_captions[target]]}
+        row = {target, *(with_caption[gallery_captions[target]] if by_caption else ())}
         if record["reference_id"] in position:
             row.add(position[record["reference_id"]])
         rows.append(sorted(row))
@@ -51,7 +54,8 @@ def hard_negatives(query_features: torch.Tensor, never: torch.Tensor, gallery_fe
         q = int(short[0])
         allowed = gallery_features.shape[0] - int((never[q] >= 0).sum())
         raise StageError(f"mine.k={cfg.k}: query row {q} may be given only {allowed} train gallery images as "
-                         f"negatives (its target, reference and same-caption images are excluded)")
+                         f"negatives (its target and reference are excluded, and under the caption protocol the images "
+                         f"sharing its target's caption)")
     return scores, indices
 
 
