@@ -1,3 +1,4 @@
+import math
 import itertools
 import warnings
 
@@ -233,3 +234,19 @@ def test_curves_go_to_the_live_folder_as_training_goes_and_a_resumed_run_continu
         tmp_path / "new", "test", live_dir=live)
     assert [row.split("\t")[0] for row in (live / "plots/metrics/loss.tsv").read_text().splitlines()[1:]] == ["1", "2"]
     assert not (live / "plots/metrics/val_r1.tsv").exists()  # a new run: the old curves are gone
+
+
+def test_the_cosine_schedule_anneals_the_learning_rate_to_zero_over_the_run(tmp_path):
+    from stages.training.loop import make_optimizers
+
+    cfg = parse(LoopConfig, "pretrain", {**LOOP, "steps": 4, "lr": 0.1, "lr_schedule": "cosine"})
+    (optimizer, scheduler), = make_optimizers(fresh_model(), cfg)
+    rates = []
+    for _ in range(cfg.steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    rates.append(optimizer.param_groups[0]["lr"])
+    # lr_t = lr (1 + cos(pi t / T)) / 2, written out here
+    assert rates == pytest.approx([0.1 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(5)], abs=1e-12)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)

@@ -54,7 +54,8 @@ class LoopConfig:
     text_lr: Annotated[float, Field(ge=0)]  # adam_two_towers: the text tower's learning rate
     # step: x lr_decay every lr_decay_every steps | cosine_per_pass: CosineAnnealingLR(T_max=cosine_t_max) of every
     # optimiser stepped on every pass, before its backward (the DE release calls scheduler.step() in training_step)
-    lr_schedule: Literal["step", "cosine_per_pass"]
+    # cosine: from lr to 0 over the run, stepped once per step (CosineAnnealingLR, T_max = steps)
+    lr_schedule: Literal["step", "cosine", "cosine_per_pass"]
     cosine_t_max: Annotated[int, Field(gt=0)]
     clip_grad_norm: Annotated[float, Field(ge=0)]  # clip the stepped parameters' gradient norm to this; 0 = off
     # validation recall on validation_split every eval_every steps and at the end, logged as metrics and plots
@@ -141,6 +142,8 @@ def make_optimizers(model: torch.nn.Module, cfg: LoopConfig,
         optimizers = [torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)]
     if cfg.lr_schedule == "cosine_per_pass":
         return [(o, torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.cosine_t_max)) for o in optimizers]
+    if cfg.lr_schedule == "cosine":
+        return [(o, torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(cfg.steps, 1))) for o in optimizers]
     step_size = cfg.lr_decay_every or cfg.steps + 1  # 0 = constant learning rate
     return [(o, torch.optim.lr_scheduler.StepLR(o, step_size=step_size, gamma=cfg.lr_decay)) for o in optimizers]
 
@@ -267,7 +270,7 @@ def fit(
             stepped.step()
             if i == 0:
                 loss, logs = pass_loss, pass_logs  # logged: the loss before this step's updates
-        if cfg.lr_schedule == "step":
+        if cfg.lr_schedule in ("step", "cosine"):
             for _, sched in optimizers:
                 sched.step()
         if ema is not None:
