@@ -29,7 +29,7 @@ from stages.common.atomic import atomic_path, staged_dir, write_json
 from stages.common.errors import StageError, run_stage
 from stages.common.validation import check_from
 from stages.modeling.glove import read_glove
-from stages.common.params import PARAMS_FILE, load, section
+from stages.common.params import PARAMS_FILE, declared_task, load, section
 from stages.common.cli import stage_parser
 from stages.modeling.vocab import VECTORS_FILE, VOCAB_FILE, Vocab
 
@@ -53,7 +53,7 @@ def texts_of(cfg: VocabularyConfig, declared: dict | None) -> str:
     if declared is None:
         raise StageError("vocabulary.texts: auto reads the dataset's declaration (evaluation.json in the shards), "
                          "which these shards lack: re-run prepare, resize and shard, or set queries / captions")
-    return "queries" if declared["task"] == "composed" else "captions"
+    return "queries" if declared_task(declared) == "composed" else "captions"
 
 
 def build(shard_dir: Path | str, out: Path | str, cfg: VocabularyConfig) -> dict[str, Any]:

@@ -114,8 +114,14 @@ def read_task(path: Path | str = PARAMS_FILE, declared: dict | None = None) -> s
             raise ParamsError(f"{path}: task: auto reads the dataset's declaration (evaluation.json, written by prepare "
                               f"and carried by resize and shard), which these inputs lack: re-run prepare, resize "
                               f"and shard, or set task to one of {', '.join(TASKS)}")
-        return declared["task"]
+        return declared_task(declared)
     if task not in TASKS:
         raise ParamsError(f"{path}: task: must be one of {AUTO}, {', '.join(TASKS)}, got {task!r}")
     return task
 
+
+
+def declared_task(declared: dict) -> str:
+    """The task of a dataset's evaluation declaration: its `task`, or for one written before that key existed,
+    composed when it declares composed-retrieval protocols, else matching."""
+    return declared.get("task") or ("composed" if declared.get("protocols") else "matching")
