@@ -15,10 +15,13 @@ import json
 import sys
 from pathlib import Path
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 from typing_extensions import Annotated
 
+from models.losses import LOSSES
 from models.losses.metric import offline_negative_hinge
 from stages.common import distributed
 from stages.shards import store
@@ -51,6 +54,9 @@ from stages.common.validation import check_from
 
 @section
 class TrainConfig(LoopConfig):
+    # the loss this stage trains with: same = loss.name, or another registered one (e.g. pretrain with info_nce as a
+    # stand-in for pretrained features, then fine-tune with vse as VSE++ and AOQ do)
+    loss_name: Literal[("same", *LOSSES)]
     offline_negatives: bool
     negatives_per_query: Annotated[int, Field(gt=0)]
     margin: Annotated[float, Field(ge=0)]
@@ -85,6 +91,8 @@ def check_params(path, declared: dict | None = None) -> tuple[str, LossConfig]:
     cfg, loss_cfg = load(TrainConfig, "train", path), load(LossConfig, "loss", path)
     ga, task = load(GAConfig, "ga", path), read_task(path, declared)
     loss_cfg = loss_cfg.for_task(task)
+    if cfg.loss_name != "same":
+        loss_cfg = dataclasses.replace(loss_cfg, name=cfg.loss_name)
     check_ga_task(ga, task)
     check_pair_sampling(cfg, task, "train")
     check_selection(cfg.selection, task, "train")

@@ -37,3 +37,21 @@ def test_a_users_own_stage_is_not_imported_but_a_bad_later_key_still_stops_the_f
     params.write_text(yaml.safe_dump(values, sort_keys=False))
     with pytest.raises(ParamsError, match="evaluate.ks"):
         check_from("prepare", params, declared)
+
+
+def test_train_can_train_with_its_own_loss(project):
+    """train.loss_name: the pretrained model goes on with another loss (VSE++ after an InfoNCE pretrain); same keeps
+    loss.name, and a loss that cannot train the model is refused by name."""
+    from stages import train
+    from stages.datasets.shapes_captions import EVALUATION as CAPTIONS_EVALUATION
+
+    params = project / "params.yaml"
+    matching = CAPTIONS_EVALUATION.as_json()
+    assert train.check_params(params, matching)[1].name == "info_nce"  # loss.name auto, task matching
+    values = yaml.safe_load(params.read_text())
+    values["train"]["loss_name"] = "vse"
+    params.write_text(yaml.safe_dump(values, sort_keys=False))
+    task, loss = train.check_params(params, matching)
+    assert (task, loss.name) == ("matching", "vse")
+    with pytest.raises(ParamsError, match="loss.name: 'vse' trains image-text matching models, model.name is 'tirg'"):
+        train.check_params(params, SHAPES_EVALUATION.as_json())
