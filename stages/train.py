@@ -14,7 +14,6 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-
 from typing import Literal
 
 import torch
