@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import random
 import time
+from collections.abc import Iterator
 from unittest import mock
 
 import torch
@@ -132,7 +133,10 @@ def model_config(base: ModelConfig, name: str, image_encoder: str) -> ModelConfi
 
 
 def samples_per_s(name: str, variant: Variant, args, base_model: ModelConfig, base_loss: LossConfig,
-                  loop: LoopConfig, vocab: Vocab, batch: dict, device: torch.device) -> float:
+                  loop: LoopConfig, vocab: Vocab, batch: dict, device: torch.device,
+                  feed: Iterator[dict] | None = None, compile_options: dict | None = None) -> float:
+    """Samples/s of `args.steps` steps after `args.warmup`, each on `batch`, or with `feed` on the next batch it
+    gives (a loader's: pinned or already on the device as it made them). compile_options: torch.compile's."""
     torch.manual_seed(0)
     model = build_model(model_config(base_model, name, args.image_encoder), len(vocab), args.image_size,
                         load_weights=False).to(device)
@@ -140,10 +144,10 @@ def samples_per_s(name: str, variant: Variant, args, base_model: ModelConfig, ba
         model = model.to(memory_format=torch.channels_last)
     if variant.compile:
         torch._dynamo.reset()  # a fresh cache per model: no recompile limit carried over from the last one
-        compile_model(model)  # what pretrain/train do with `compile: true`
+        compile_model(model, **(compile_options or {}))  # what pretrain/train do with `compile: true`
     loss_cfg = dataclasses.replace(base_loss, name=LOSS_OF[name])
     optimizer, _ = make_optimizer(model, loop)
-    if variant.pinned:
+    if variant.pinned and feed is None:
         batch = pin(batch)
 
     def loss_of(model, on_device):
@@ -157,8 +161,9 @@ def samples_per_s(name: str, variant: Variant, args, base_model: ModelConfig, ba
             if step == args.warmup:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                graphs = compiled_graphs()
                 began = time.perf_counter()
-            loss = loss_of(model, copy_to(batch, device, variant.non_blocking))
+            loss = loss_of(model, copy_to(batch if feed is None else next(feed), device, variant.non_blocking))
             if not torch.isfinite(loss):  # as fit does: one sync per step
                 raise FloatingPointError(f"{name} {variant.name}: loss {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
@@ -167,7 +172,18 @@ def samples_per_s(name: str, variant: Variant, args, base_model: ModelConfig, ba
             loss.item()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return args.steps * args.batch / (time.perf_counter() - began)
+    rate = args.steps * args.batch / (time.perf_counter() - began)
+    if compiled_graphs() != graphs:
+        print(f"{name} {variant.name}: compiled again during the timed steps, its rate includes compilation "
+              f"(more --warmup steps)", flush=True)
+    return rate
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (Dynamo's counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def main(argv: list[str] | None = None) -> None:

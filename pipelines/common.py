@@ -72,13 +72,16 @@ def parse_overrides(items: list[str] | None) -> list[str]:
     return overrides
 
 
-def dvc(args: list[str], root: Path, stream: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
-    """Run `dvc ARGS` in `root` with this interpreter's environment first on PATH (its dvc, its python).
+def dvc(args: list[str], root: Path, stream: Callable[[str], None] | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `dvc ARGS` in `root` with this interpreter's environment first on PATH (its dvc, its python), plus `env`
+    (e.g. CUDA_VISIBLE_DEVICES for one experiment).
 
     With `stream`, stdout and stderr are merged and every line (a progress bar's `\r` updates too) is handed to
     `stream` as it comes: a long stage shows in the flow run's log while it runs. The result's stdout then holds
     the merged text and stderr is empty."""
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, **(env or {}),
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     executable = shutil.which("dvc", path=env["PATH"])
     if executable is None:
         raise FileNotFoundError("no `dvc` executable beside this Python or on PATH (run `make setup`)")

@@ -93,3 +93,76 @@ def test_an_ensemble_ranks_by_the_mean_of_its_models_cosines(data):
     assert ids == singles[0][0]
     mean_cosine = sum(s[4]["composed"] @ s[2].T for s in singles) / 2
     assert torch.allclose(queries["composed"] @ gallery.T, mean_cosine, atol=1e-5)
+
+
+# --- decoding the batch on a device (JPEG shards): everything but the CUDA call runs here, on the CPU -----------
+
+@pytest.fixture(scope="module")
+def jpeg(data):
+    """The shards of `data` with the images resized to JPEG."""
+    run_resize(data / "prepared", data / "resized_jpeg", parse(ResizeConfig, "resize", dict(
+        size=24, mode="center_crop", pad_value=0, format="jpeg", jpeg_quality=90)))
+    run_shard(data / "resized_jpeg", data / "shards_jpeg", parse(ShardConfig, "shard", dict(maxcount=20, maxsize=10**8)))
+    return data / "shards_jpeg"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_decoded_on_a_device_equal_the_workers_decoding(jpeg, workers):
+    """decode_on: the workers hand on the JPEG bytes and the batch is decoded at once by torchvision's decode_jpeg
+    (here on the CPU: the same call as on CUDA but for its device); the batch equals PIL's decoding in the workers."""
+    import itertools
+
+    from stages.shards.loaders import matching_batches
+
+    for batches in (training_batches, matching_batches):
+        plain = list(itertools.islice(batches(jpeg, "train", 8, 16, seed=0, workers=workers), 3))
+        on_device = list(itertools.islice(batches(jpeg, "train", 8, 16, seed=0, workers=workers,
+                                                  decode_on=torch.device("cpu")), 3))
+        for a, b in zip(plain, on_device):
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                if isinstance(value, torch.Tensor):
+                    assert b[key].shape == value.shape and torch.allclose(b[key], value, atol=1e-5), key
+                else:
+                    assert b[key] == value
+
+
+def test_per_iteration_batches_decode_on_a_device_too(jpeg):
+    from stages.shards.pairs import per_iteration_batches
+
+    plain = next(per_iteration_batches(jpeg, "train", 6, seed=0, workers=0, start=0, steps=1))
+    on_device = next(per_iteration_batches(jpeg, "train", 6, seed=0, workers=0, start=0, steps=1,
+                                           decode_on=torch.device("cpu")))
+    assert plain["query_id"] == on_device["query_id"]
+    assert torch.allclose(plain["ref"], on_device["ref"], atol=1e-5) and on_device["tgt"].shape == (6, 3, 24, 24)
+
+
+def test_decode_device_chooses_the_gpu_for_jpeg_shards_on_cuda_and_says_why_not_otherwise(data, jpeg, monkeypatch):
+    """auto: the step's CUDA device for JPEG shards, else the workers (None); cuda asked for without a CUDA step,
+    or on PNG shards, is an error naming the reason. No CUDA call is made: the device is only named."""
+    from stages.common.errors import StageError
+    from stages.shards.loaders import decode_device
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert decode_device("auto", cuda, jpeg, "train", "queries") == cuda
+    assert decode_device("auto", cuda, jpeg, "train", "gallery") == cuda
+    assert decode_device("cuda", cuda, jpeg, "train", "queries") == cuda
+    assert decode_device("auto", cuda, data / "shards", "train", "queries") is None  # PNG
+    assert decode_device("auto", cpu, jpeg, "train", "queries") is None
+    assert decode_device("cpu", cuda, jpeg, "train", "queries") is None
+    with pytest.raises(StageError, match="decodes JPEG only"):
+        decode_device("cuda", cuda, data / "shards", "train", "queries")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(StageError, match="decode: cuda decodes the training images on the GPU, but torch sees no "
+                                         "CUDA device"):
+        decode_device("cuda", cpu, jpeg, "train", "queries")
+
+
+def test_encoded_images_are_jpeg_only(data):
+    from stages.common.errors import StageError
+    from stages.shards.loaders import encoded_image
+
+    with pytest.raises(StageError, match="JPEG only"):
+        next(training_batches(data / "shards", "train", 8, 16, seed=0, workers=0, decode_on=torch.device("cpu")))
+    with pytest.raises(StageError, match="JPEG only"):
+        encoded_image(b"\x89PNG\r\n")

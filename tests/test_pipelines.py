@@ -194,6 +194,35 @@ def test_a_resumed_sweep_keeps_the_done_rows_of_its_csv_and_runs_only_the_rest(t
         sweep.fn(grid={"train.lr": ["0.01"]}, root=str(tiny), resume=True)
 
 
+def test_a_sweep_on_a_dask_cluster_runs_its_experiments_on_the_workers(tiny):
+    """--dask ADDRESS: the experiments go to the cluster's workers (here 2 local processes, one thread each, the
+    repository at the same path), both at once; the rows come back with their metrics. The grid changes an
+    `evaluate` param: the experiments rerun only that stage (the others come from DVC's run cache)."""
+    from distributed import LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class Workers(SchedulerPlugin):  # which worker finished each task
+        name = "finished-on"
+
+        def __init__(self):
+            self.finished = []
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if finish == "memory" and kwargs.get("worker"):
+                self.finished.append(kwargs["worker"])
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        workers = Workers()
+        cluster.scheduler.add_plugin(workers)
+        rows = sweep(grid={"evaluate.batch_size": ["32", "48"]}, root=str(tiny), out="sweeps/dask.csv",
+                     dask=cluster.scheduler_address)
+    assert [(r["evaluate.batch_size"], r["status"]) for r in rows] == [("32", "done"), ("48", "done")]
+    assert all("evaluate.composed.test.target.r10" in r for r in rows)
+    assert len(workers.finished) == 2 and len(set(workers.finished)) == 2  # one experiment on each worker
+    with open(tiny / "sweeps/dask.csv") as f:
+        assert [r["evaluate.batch_size"] for r in csv.DictReader(f)] == ["32", "48"]
+
+
 def test_report_tables_the_sweep_from_its_csv_alone(tiny, tmp_path, capsys, monkeypatch):
     """Runs after the 2x2 sweep above: its four experiments, one table row each, numbers as DVC had them when the
     sweep wrote the CSV; read from a copy of the CSV in a folder that is no DVC repository (a clean clone's view)."""

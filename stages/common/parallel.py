@@ -101,7 +101,7 @@ def map_items(fn: Callable[[T], R], items: Sequence[T], cfg: ParallelConfig, des
         if cfg.runner == "processes":
             results = _run_pool(fn, batches, per_task, len(items), desc, label, workers, bar)
         else:
-            with _api_for_workers(cfg):
+            with api_for_workers(cfg.address):
                 results = _run_flow(fn, batches, per_task, len(items), desc, label, _task_runner(cfg, workers), bar)
     return [result for batch in results for result in batch]
 
@@ -195,12 +195,14 @@ def _run_flow(fn, batches, per_task, total, desc, label, runner, bar) -> list[li
 
 
 @contextmanager
-def _api_for_workers(cfg: ParallelConfig) -> Iterator[None]:
+def api_for_workers(address: str | None) -> Iterator[None]:
     """In Prefect's ephemeral mode, start its temporary server here and point the workers on this
-    machine at it (through the settings that the task runners pass to their workers)."""
+    machine at it (through the settings that the task runners pass to their workers). `address`: the Dask
+    scheduler (None: a LocalCluster); a scheduler on another host gets nothing (see the module doc).
+    Also used by pipelines.sweep --dask."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 
-    remote = cfg.address is not None and not _is_loopback(cfg.address)
+    remote = address is not None and not _is_loopback(address)
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or remote:
         yield
         return

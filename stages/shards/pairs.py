@@ -21,17 +21,29 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stages.common import distributed
+from stages.common.device import pick_device
 from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, ParamsError
 from stages.shards import store
-from stages.shards.loaders import _batches, decode_image, matching_batches, training_batches
+from stages.shards.loaders import (
+    Decode,
+    _batches,
+    _images,
+    decode_device,
+    decode_image,
+    decoded_on,
+    encoded_image,
+    matching_batches,
+    training_batches,
+)
 
 
 class PerIterationQueries(Dataset):
     """Item `step` is the batch of training step `step` (the loaders' query-batch layout)."""
 
-    def __init__(self, shard_dir: Path | str, split: str, batch_size: int, seed: int, rank: int = 0):
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+    def __init__(self, shard_dir: Path | str, split: str, batch_size: int, seed: int, rank: int = 0,
+                 image=decode_image):
+        self.batch_size, self.seed, self.rank, self.image = batch_size, seed, rank, image
         self.records, self.images = [], {}
         for query in store.iter_queries(shard_dir, split):
             self.images[query["reference_id"]], self.images[query["target_id"]] = query["ref"], query["tgt"]
@@ -66,8 +78,8 @@ class PerIterationQueries(Dataset):
     def __getitem__(self, step: int) -> dict:
         records = [self.records[i] for i in self.draw(step)]
         return {
-            "ref": torch.stack([decode_image(self.images[r["reference_id"]]) for r in records]),
-            "tgt": torch.stack([decode_image(self.images[r["target_id"]]) for r in records]),
+            "ref": _images([self.image(self.images[r["reference_id"]]) for r in records]),
+            "tgt": _images([self.image(self.images[r["target_id"]]) for r in records]),
             "text": [r["text"] for r in records],
             "query_id": [r["query_id"] for r in records],
             "target_id": [r["target_id"] for r in records],
@@ -75,12 +87,15 @@ class PerIterationQueries(Dataset):
 
 
 def per_iteration_batches(shard_dir: Path | str, split: str, batch_size: int, seed: int, workers: int,
-                          start: int, steps: int, pin_memory: bool = False) -> Iterator[dict]:
-    """The batches of steps start..steps-1 (each rank its own draw, `batch_size` per rank)."""
-    dataset = PerIterationQueries(shard_dir, split, batch_size, seed, distributed.rank())
+                          start: int, steps: int, pin_memory: bool = False,
+                          decode_on: torch.device | None = None) -> Iterator[dict]:
+    """The batches of steps start..steps-1 (each rank its own draw, `batch_size` per rank); decode_on as
+    stages.shards.loaders.training_batches."""
+    image = decode_image if decode_on is None else encoded_image
+    dataset = PerIterationQueries(shard_dir, split, batch_size, seed, distributed.rank(), image)
     loader = DataLoader(dataset, batch_size=None, sampler=range(start, steps), num_workers=workers,
                         pin_memory=pin_memory)
-    yield from _batches(loader)
+    yield from decoded_on(_batches(loader), decode_on)
 
 
 def check_pair_sampling(cfg, task: str, section: str) -> None:
@@ -90,14 +105,28 @@ def check_pair_sampling(cfg, task: str, section: str) -> None:
                           "task is matching (use shuffled)")
 
 
-def query_batches(shard_dir: Path | str, task: str, batch_size: int, cfg, pin_memory: bool = False):
+def query_batches(shard_dir: Path | str, task: str, batch_size: int, cfg, pin_memory: bool = False,
+                  decode: Decode = "auto"):
     """The train split's batches as the loop section `cfg` (pretrain or train) says: for `fit`, an iterator, or
-    with pair_sampling per_iteration a function of the first step (so a resumed run draws on where it stopped)."""
+    with pair_sampling per_iteration a function of the first step (so a resumed run draws on where it stopped).
+    decode (stages.shards.loaders.decode_device): auto decodes JPEG shards on the GPU when the step runs on
+    CUDA (`cfg.device`, the current CUDA device of this process), anything else on the CPU workers."""
+    decode_on = decode_device(decode, step_device(cfg.device), shard_dir, "train",
+                              "gallery" if task == "matching" else "queries")
+    if decode_on is not None and distributed.rank() == 0:
+        print(f"training images: JPEG decoded on {decode_on} (torchvision.io.decode_jpeg), batch by batch")
     if task == "matching":
         return matching_batches(shard_dir, "train", batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers,
-                                pin_memory=pin_memory)
+                                pin_memory=pin_memory, decode_on=decode_on)
     if cfg.pair_sampling == "per_iteration":
         return lambda start: per_iteration_batches(shard_dir, "train", batch_size, cfg.seed, cfg.workers, start,
-                                                   cfg.steps, pin_memory=pin_memory)
+                                                   cfg.steps, pin_memory=pin_memory, decode_on=decode_on)
     return training_batches(shard_dir, "train", batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers,
-                            pin_memory=pin_memory)
+                            pin_memory=pin_memory, decode_on=decode_on)
+
+
+def step_device(name: str) -> torch.device:
+    """The device a training step named `name` (auto | cpu | cuda) runs on in this process: on CUDA the current
+    device, which stages.common.distributed.start sets to cuda:<local rank>."""
+    device = pick_device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
