@@ -55,6 +55,17 @@ def table(rows: list[dict[str, object]]) -> str:
     return composed_table(rows)
 
 
+def resolved_name(row: dict[str, object], section: str) -> str:
+    """`params.<section>.name` of a row with `auto` read as the stages resolve it: the task's default model or loss."""
+    from stages.modeling.factory import DEFAULT_MODELS
+    from stages.training.objectives import DEFAULT_LOSSES
+
+    name = str(row.get(f"params.{section}.name"))
+    if name != "auto":
+        return name
+    return (DEFAULT_MODELS if section == "model" else DEFAULT_LOSSES)["matching" if is_matching(row) else "composed"]
+
+
 def is_matching(row: dict[str, object]) -> bool:
     """An image-text matching experiment: its metrics have no `composed` section (its params may say task: auto)."""
     return row.get("params.task") == "matching" or not any(str(k).startswith("evaluate.composed.") for k in row)
@@ -66,7 +77,8 @@ def matching_table(rows: list[dict[str, object]]) -> str:
               "| train s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        loss = str(row["params.loss.name"])
+        loss = str(row.get("params.train.loss_name", "same"))
+        loss = resolved_name(row, "loss") if loss in ("same", "None") else loss
         method = "VSE" if loss == "vse" else f"DE {loss.upper()}"
         method += " + AOQ" if row.get("params.train.offline_negatives") else ""
         method += " + SIAM" if row.get("params.train.siam_steps") else ""
@@ -90,7 +102,7 @@ def composed_table(rows: list[dict[str, object]]) -> str:
         test, novel, whm = (f"evaluate.composed.{part}.{protocol}" for part in ("test", "novel", "whm"))
         ga = "+".join(name for name in ("adversarial", "isotropic") if row.get(f"params.ga.{name}")) or "—"
         seconds = float(row.get("pretrain.seconds", 0)) + float(row.get("train.seconds", 0))
-        cells = [row["params.model.name"], ga,
+        cells = [resolved_name(row, "model"), ga,
                  *(_fmt(row.get(f"{test}.r{k}")) for k in (1, 10, 50)),
                  *(_fmt(row.get(f"{novel}.r{k}")) for k in (1, 10, 50)),
                  _fmt(row.get(f"{whm}.r1")), _fmt(row.get(f"{whm}.r10")), f"{seconds:.0f}"]

@@ -11,7 +11,7 @@ from tiny_repo import model_params
 from stages.common.params import parse
 from stages.resize import ResizeConfig, run_resize
 from stages.shard import ShardConfig, run_shard
-from stages.datasets import manifest
+from stages.datasets import evaluation, manifest
 from stages.modeling.vocab import Vocab
 
 SHAPES = dict(seed=3, image_size=32, min_objects=2, max_objects=4, train_queries=48, test_queries=16,
@@ -23,6 +23,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     images, queries = shapes.build(parse(shapes.Config, "dataset.shapes", SHAPES), root / "prepared")
     manifest.write(root / "prepared", images, queries)
+    evaluation.write(root / "prepared", shapes.EVALUATION)  # as prepare writes it: task and texts auto read it
     run_resize(root / "prepared", root / "resized", parse(ResizeConfig, "resize", dict(
         size=24, mode="center_crop", pad_value=0, format="png", jpeg_quality=90)))
     run_shard(root / "resized", root / "shards", parse(ShardConfig, "shard", dict(maxcount=20, maxsize=10**8)))

@@ -39,7 +39,11 @@ def test_auto_is_the_declared_split_and_a_named_one_must_be_in_the_shards(tmp_pa
 def test_no_declared_split_means_no_validation_unless_a_selection_needs_one(tmp_path, capsys):
     where = shards(tmp_path, {"train": 100, "test": 60})
     assert validator(loop(eval_every=2), "composed", "pretrain", None, where, "cpu", CSS3D) is None
-    assert "no validation recall: the dataset declares no validation split" in capsys.readouterr().out
+    assert "no validation recall: the shards hold no validation split the dataset declares" in capsys.readouterr().out
+    built_without = shards(tmp_path, {"train": 100, "test": 60})  # shapes with val_queries 0: val declared, not built
+    assert validator(loop(eval_every=2), "composed", "pretrain", None, built_without, "cpu", SHAPES) is None
+    with pytest.raises(ParamsError, match="has no split 'val' \\(dataset.shapes.val_queries is 0\\?\\)"):
+        validator(loop(eval_every=2, selection="val_r1"), "composed", "pretrain", None, built_without, "cpu", SHAPES)
     with pytest.raises(ParamsError, match="pretrain.validation_split: auto, but the dataset declares no validation "
                                           "split for selection val_r10"):
         validator(loop(eval_every=2, selection="val_r10"), "composed", "pretrain", None, where, "cpu", CSS3D)

@@ -43,11 +43,14 @@ def check_selection(selection: str, task: str, section: str) -> None:
 
 
 def validation_split(cfg, declared: dict | None, shard_dir: Path | str, section: str) -> str | None:
-    """The split that `cfg.validation_split` names (auto: the dataset's declared one, None when it declares none
-    and nothing needs one); a ParamsError when the selection needs a split there is not, or the shards lack it."""
+    """The split that `cfg.validation_split` names (auto: the dataset's declared one; None when it declares none, or
+    the shards were built without it, and nothing needs one); a ParamsError when the selection needs a split there is
+    not, or the shards lack a split named explicitly."""
     split = cfg.validation_split
     if split == AUTO:
         split = (declared or {}).get("validation")
+        if split is not None and split not in store.read_index(shard_dir)["splits"] and cfg.selection == "last":
+            return None  # declared but not built (dataset.shapes.val_queries 0): nothing needs it
         if split is None and cfg.selection == "last":
             return None
         if split is None:
@@ -69,7 +72,7 @@ def validator(cfg, task: str, section: str, tokenizer, shard_dir: Path | str, de
     check_selection(cfg.selection, task, section)
     split = validation_split(cfg, declared, shard_dir, section)
     if split is None:
-        print(f"{section}: no validation recall: the dataset declares no validation split "
+        print(f"{section}: no validation recall: the shards hold no validation split the dataset declares "
               f"({section}.validation_split: auto); name one to log it every {cfg.eval_every} steps")
         return None
     if task == "matching":
