@@ -328,3 +328,18 @@ def test_at_most_n_experiments_run_at_once_and_a_slot_frees_when_any_ends():
         assert sum(1 for g in futures[:i] if g.end > f.start) <= 1
     # the short ones follow each other beside the long one, which does not hold its batch back
     assert futures[3].start < futures[0].end
+
+
+def test_the_temporary_server_gets_time_to_start_on_a_busy_machine():
+    import os
+    import subprocess
+    import sys
+
+    read = ("import pipelines; from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    assert subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "180"  # Prefect's own default is 20
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "45"
+    assert subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "45"
