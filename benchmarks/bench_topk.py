@@ -2,10 +2,11 @@
 a user would otherwise run, in one sitting, each side in its own process (so peak memory is its own).
 
     python benchmarks/bench_topk.py [--n 50000] [--dim 512] [--k 50] [--naive-n 10000] [--device cpu|cuda]
+    python benchmarks/bench_topk.py --grid [--gallery-ratio 1]   # d x k grid: products, chunked, faiss
 
-Sides: `products` (chunked_topk's block products alone over the whole problem: the sustained matmul rate, its
-ceiling), `chunked` (stages.retrieval.chunked_topk, the pipeline's code path: oneDNN block products on the CPU),
-`naive` (full Q x G matrix, then a per-row argsort, as research code does; at --naive-n because the full
+Sides: `products` (chunked_topk's block products alone over the whole problem, blocked and threaded as it does
+them: the sustained matmul rate, its ceiling), `chunked` (stages.retrieval.chunked_topk, the pipeline's code
+path: oneDNN block products and the numba selection on the CPU), `naive` (full Q x G matrix, then a per-row argsort, as research code does; at --naive-n because the full
 matrix is N² floats), scikit-learn
 `NearestNeighbors(algorithm="brute", metric="cosine")`, and faiss-cpu `IndexFlatIP` (pip install -e '.[bench]').
 The machine's own matmul rate is measured first in the same script (3 s on one cached block: "% matmul"), and
@@ -13,6 +14,11 @@ again as the `products` side ("% products"); GFLOP/s of a side = 2·Q·G·d / se
 Vectors are random unit vectors (cosine = inner product); all sides must return the same neighbours.
 With --device cuda the matmul rate and the `chunked` side run on the GPU (the same code path as `mine` and
 `evaluate` there); the other sides stay on the CPU.
+
+--grid: d in 128, 256, 512, 1024 x k in 10, 50, 100, 400, 2000 in one sitting, each cell's sides (`products`,
+`chunked`, faiss) one after the other, each in its own process; a markdown table with chunked / faiss (time) and
+chunked % of products. Queries x gallery per d are set so that the products take 1-3 s on the project's 2-core
+CPU (GRID_PRODUCTS); --gallery-ratio G/Q shapes them (1: square).
 """
 from __future__ import annotations
 
@@ -63,12 +69,9 @@ def matmul_gflops(dim: int, device: str, seconds: float = 3.0) -> dict[str, floa
 def run_products(q, g, k, device="cpu"):
     """The block products of chunked_topk over the whole problem and nothing else: the sustained matmul
     rate on this data (gallery blocks read from memory, clocks under a long load), the ceiling of `chunked`."""
-    from stages.retrieval.topk import GALLERY_CHUNK, QUERY_CHUNK, block_scores
+    from stages.retrieval.topk import block_products
 
-    q, g = torch.from_numpy(q).to(device), torch.from_numpy(g).to(device)
-    for q0 in range(0, q.shape[0], QUERY_CHUNK):
-        for g0 in range(0, g.shape[0], GALLERY_CHUNK):
-            block_scores(q[q0 : q0 + QUERY_CHUNK], g[g0 : g0 + GALLERY_CHUNK])
+    block_products(torch.from_numpy(q).to(device), torch.from_numpy(g).to(device))
     synchronize(device)
     return None
 
@@ -105,11 +108,11 @@ SIDES = {"products": run_products, "chunked": run_chunked, "naive": run_naive, "
          "faiss": run_faiss}
 
 
-def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue) -> None:
-    q, g = vectors(n, dim, 1), vectors(n, dim, 2)
+def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue, n_gallery: int | None = None) -> None:
+    q, g = vectors(n, dim, 1), vectors(n_gallery or n, dim, 2)
     extra = {"device": device} if side in ("products", "chunked") else {}
-    if device == "cuda" and side == "chunked":  # CUDA context and kernels, not counted
-        run_chunked(q[:1024], g[:8192], k, device)
+    if side in ("products", "chunked"):  # imports, CUDA context and kernels, numba's compiled kernels: not counted
+        SIDES[side](q[:1024], g[:8192], min(k, 8192, len(g)), device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
     neighbours = SIDES[side](q, g, k, **extra)
@@ -117,6 +120,52 @@ def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue) -> 
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     head = None if neighbours is None else np.asarray(neighbours[:200], dtype=np.int64)
     out.put((side, n, seconds, peak_mb, head))
+
+
+GRID_DIMS = (128, 256, 512, 1024)
+GRID_KS = (10, 50, 100, 400, 2000)
+# queries x gallery per d: products of about 1.5-2 s at the project CPU's ~300 GFLOP/s (2 cores)
+GRID_PRODUCTS = {128: 2.3e9, 256: 1.15e9, 512: 5.8e8, 1024: 2.9e8}
+
+
+def run_side(ctx, side: str, n: int, dim: int, k: int, device: str, n_gallery: int | None = None):
+    """(seconds, peak MB, first rows' neighbours) of one side, in a fresh process."""
+    queue = ctx.Queue()
+    process = ctx.Process(target=measure, args=(side, n, dim, k, device, queue, n_gallery))
+    process.start()
+    _, _, seconds, peak_mb, head = queue.get()
+    process.join()
+    return seconds, peak_mb, head
+
+
+def grid(ratio: float, device: str, dims=GRID_DIMS, ks=GRID_KS) -> None:
+    import datetime
+    import os
+    import platform
+    import sys
+
+    ctx = mp.get_context("spawn")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"{datetime.date.today()}: python benchmarks/bench_topk.py --grid --gallery-ratio {ratio:g}"
+          + ("" if (dims, ks) == (GRID_DIMS, GRID_KS) else f" --dims {' '.join(map(str, dims))} --ks {' '.join(map(str, ks))}")
+          + "; "
+          f"{torch.get_num_threads()} threads, {cpu}; chunked on {device}; seconds of one run per side, each in its "
+          "own process", flush=True)
+    print("| d | queries x gallery | k | products s | chunked s | faiss s | chunked / faiss | chunked % of products "
+          "| same top-k |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dim in dims:
+        queries = int(round((GRID_PRODUCTS[dim] / ratio) ** 0.5, -2))
+        gallery = int(round(queries * ratio, -2))
+        for k in ks:  # the products again for each cell: its ratio is read from runs one after the other
+            products = run_side(ctx, "products", queries, dim, 1, device, gallery)[0]
+            chunked, _, mine = run_side(ctx, "chunked", queries, dim, k, device, gallery)
+            faiss, _, theirs = run_side(ctx, "faiss", queries, dim, k, "cpu", gallery)
+            same = np.mean([len(set(a) & set(b)) / k for a, b in zip(mine, theirs)])
+            print(f"| {dim} | {queries // 1000}k x {gallery / 1000:g}k | {k} | {products:.2f} | {chunked:.2f} | "
+                  f"{faiss:.2f} | {chunked / faiss:.2f} | {100 * products / chunked:.0f}% | {same:.3f} |", flush=True)
+        print(f"(d={dim} done, load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -127,7 +176,13 @@ def main() -> None:
     parser.add_argument("--naive-n", type=int, default=10000, help="size for the full-matrix side")
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where `chunked` runs")
+    parser.add_argument("--grid", action="store_true", help="the d x k grid of products, chunked and faiss")
+    parser.add_argument("--gallery-ratio", type=float, default=1.0, help="--grid: gallery rows per query row")
+    parser.add_argument("--dims", type=int, nargs="+", default=list(GRID_DIMS), help="--grid: its d values")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(GRID_KS), help="--grid: its k values")
     args = parser.parse_args()
+    if args.grid:
+        return grid(args.gallery_ratio, args.device, tuple(args.dims), tuple(args.ks))
     rates = matmul_gflops(args.dim, args.device)
     rate = max(rates.values())  # the machine's rate: its fastest BLAS
     print(f"{torch.get_num_threads()} threads; {args.device} matmul rate "

@@ -9,9 +9,9 @@ Similarity is the dot product (cosine on L2-normalised embeddings), computed in
 (query_chunk x gallery_chunk) blocks by `stages.retrieval.chunked_topk`.
 
 Order and tie rule: best first; candidates with exactly equal scores are ordered by lower gallery
-row first, and when equal scores straddle the k-th place the lower rows are the ones kept. (torch's
-topk does not promise either, so rows with a tie at the k-th place are recomputed, and every row is
-re-sorted by (score desc, row asc).)
+row first, and when equal scores straddle the k-th place the lower rows are the ones kept. (chunked_topk
+promises the order but not which of the rows tied at the k-th place it keeps, so rows with a tie there are
+recomputed.)
 
 Stored as one .npz: i2t (n x i2t_k, int32 caption rows), t2i (m x t2i_k, int32 image rows),
 image_ids (n,), caption_ids (m,): rows refer to positions in those id lists.
@@ -78,12 +78,8 @@ def _topk_lower_row_on_ties(queries, gallery, k, exclude, query_chunk, gallery_c
                                 query_chunk=query_chunk, gallery_chunk=gallery_chunk)
     # a tie at the k-th place: the (k+1)-th candidate scores as high as the k-th (and is not excluded)
     straddling = torch.nonzero((scores[:, k] == scores[:, k - 1]) & torch.isfinite(scores[:, k])).flatten()
-    scores, rows = scores[:, :k], rows[:, :k]
-    # canonical order: by row, then stably by score, descending
-    by_row = torch.argsort(rows, dim=1)
-    rows, scores = rows.gather(1, by_row), scores.gather(1, by_row)
-    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    rows = rows.gather(1, by_score)
+    del scores
+    rows = rows[:, :k]  # best first, equal scores by row (chunked_topk's order); a view, not a copy
     if len(straddling):
         # recompute those queries over full score rows, a chunk's worth of memory at a time
         per_batch = max(1, query_chunk * gallery_chunk // gallery.shape[0])

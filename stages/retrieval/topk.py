@@ -1,7 +1,10 @@
 """Nearest-neighbour search and recall@K, shared by `mine` and `evaluate`.
 
 The similarity matrix is computed in (query_chunk x gallery_chunk) blocks, keeping a running top-k
-per query, so a Q x G matrix never sits in memory at once (peak memory: one block).
+per query, so a Q x G matrix never sits in memory at once (peak memory: one block, plus the running top-k).
+On the CPU each of torch's T threads computes and selects its own (query_chunk / T x gallery_chunk) blocks
+with a numba kernel (stages/retrieval/topk_native.py); without numba, and on CUDA, the blocks are selected
+with torch ops (`_merge`).
 """
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import functools
 import logging
 
 import torch
+
+from stages.retrieval import topk_native
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,17 @@ def onednn_usable() -> bool:
     return agrees
 
 
+@functools.cache
+def native_usable() -> bool:
+    """Whether chunked_topk runs its CPU blocks through stages.retrieval.topk_native (numba); without numba it
+    selects with torch ops, saying so once per process."""
+    if topk_native.available():
+        return True
+    logger.warning("chunked_topk: numba is not importable (%s); selecting top-k with torch ops on the CPU, "
+                   "several times slower at large k (pip install numba)", topk_native.import_error())
+    return False
+
+
 def block_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     """queries @ gallery.T in float32. On the CPU through oneDNN's inner product (the op torch.compile's
     CPU backend emits for linear layers): about twice the rate of torch's `@` (MKL sgemm) on the project's
@@ -76,12 +92,19 @@ def chunked_topk(
     Returns (scores Q x k, indices Q x k) on the queries' device, best first, equal scores by gallery
     index (which of several rows tied at the k-th place is kept is not defined). A query with fewer than k
     gallery rows it may retrieve gets score -inf and index -1 in the places left over (as faiss does).
+    On the CPU the blocks are selected from by stages/retrieval/topk_native.py (numba): its memory is, per
+    thread, one (query_chunk / T) x gallery_chunk block and 2k + 80 candidates per query of that block.
     """
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
     if not 0 < k <= n_gallery:
         raise ValueError(f"k={k} must be in 1..{n_gallery} (the gallery size)")
     device = torch.device(device) if device is not None else queries.device
     gallery = gallery.to(device).float()
+    if _fused(device, n_gallery):
+        scores, indices = topk_native.fused_topk(
+            queries.detach().to(device).float(), gallery.contiguous(), k, None if exclude is None else exclude.cpu(),
+            query_chunk, gallery_chunk, block_scores, _mask_excluded)
+        return scores.to(queries.device), indices.to(queries.device)
     best_scores = torch.empty(n_queries, k, dtype=torch.float32, device=queries.device)
     best_indices = torch.empty(n_queries, k, dtype=torch.long, device=queries.device)
     for q0 in range(0, n_queries, query_chunk):
@@ -100,6 +123,28 @@ def chunked_topk(
         best_scores[q0 : q0 + q.shape[0]] = run_scores.to(queries.device)
         best_indices[q0 : q0 + q.shape[0]] = run_indices.to(queries.device)
     return best_scores, best_indices
+
+
+@torch.no_grad()
+def block_products(queries: torch.Tensor, gallery: torch.Tensor, query_chunk: int = QUERY_CHUNK,
+                   gallery_chunk: int = GALLERY_CHUNK, device: torch.device | str | None = None) -> None:
+    """The block products of `chunked_topk` over the whole problem and nothing else, blocked and threaded as it
+    does them: the ceiling of its rate (benchmarks/bench_topk.py's `products` side)."""
+    device = torch.device(device) if device is not None else queries.device
+    gallery = gallery.to(device).float()
+    if _fused(device, gallery.shape[0]):
+        topk_native.fused_topk(queries.detach().to(device).float(), gallery.contiguous(), 1, None, query_chunk,
+                               gallery_chunk, block_scores, _mask_excluded, select=False)
+        return
+    for q0 in range(0, queries.shape[0], query_chunk):
+        q = queries[q0 : q0 + query_chunk].to(device).float()
+        for g0 in range(0, gallery.shape[0], gallery_chunk):
+            block_scores(q, gallery[g0 : g0 + gallery_chunk])
+
+
+def _fused(device: torch.device, n_gallery: int) -> bool:
+    """Whether chunked_topk runs on topk_native's threads (the CPU, numba importable, gallery rows fit int32)."""
+    return device.type == "cpu" and n_gallery < 2**31 and native_usable()
 
 
 def _merge(run_scores, run_indices, block, g0: int, k: int):
