@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = {s: getattr(args, f"budget_{s}") or p.budgets[s] for s in args.sections}
     p = dataclasses.replace(p, budgets=budgets, image_encoder=args.image_encoder or p.image_encoder, models=models)
     print(f"gpu suite, device {args.device}: torch {torch.__version__}, {os.cpu_count()} CPU cores; budgets "
-          + ", ".join(f"{s} {b:.0f} s" for s, b in budgets.items()) + f" (at most {sum(budgets.values()):.0f} s)",
+          + ", ".join(f"{s} {b:g} s" for s, b in budgets.items()) + f" (at most {sum(budgets.values()):g} s)",
           flush=True)
     began, rows = time.perf_counter(), []
     tmp = Path(tempfile.mkdtemp(prefix="gpu_suite-"))

@@ -106,8 +106,8 @@ def check_params(params_path: Path | str = PARAMS_FILE, declared: dict | None = 
 
 def vocabulary(shard_dir: Path | str, out: Path | str, params_path: Path | str = PARAMS_FILE) -> str:
     """The stage: read `vocabulary` params, build, return the one-line summary."""
+    cfg = load(VocabularyConfig, "vocabulary", params_path)  # its own section first: a params error needs no shards
     check_from("vocabulary", params_path, store.read_evaluation(store.location(shard_dir)))
-    cfg = load(VocabularyConfig, "vocabulary", params_path)
     return line(build(shard_dir, out, cfg), cfg, out)
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tiny_repo import STAGES, make_tiny_repo, run, set_param
 
@@ -59,6 +60,22 @@ def test_changing_train_params_reruns_only_train_evaluate_and_index(tiny_repo):
     tiny_repo, _ = tiny_repo
     set_param(tiny_repo, "train", "lr", 0.02)
     assert stages_run(run(["dvc", "repro"], tiny_repo).stdout) == ["train", "evaluate", "index"]
+
+
+def test_a_run_with_params_seen_before_is_restored_from_the_run_cache_with_its_curves(tiny_repo):
+    """Sweep arms share runs through DVC's run-cache, which skips any stage with a `persist` output: train's
+    curves are a plain cached output, restored with the model they belong to."""
+    tiny_repo, _ = tiny_repo  # train.lr is 0.02 here (the test before); the first repro ran the committed value
+    first_lr = yaml.safe_load(run(["git", "show", "HEAD:params.yaml"], tiny_repo).stdout)["train"]["lr"]
+    assert first_lr != 0.02
+    curve = tiny_repo / "data/live/train/plots/metrics/loss.tsv"
+    at_002 = curve.read_text()
+    for lr in (first_lr, 0.02):
+        set_param(tiny_repo, "train", "lr", lr)
+        result = run(["dvc", "repro"], tiny_repo)
+        assert stages_run(result.stdout) == [], result.stdout
+        assert "Stage 'train' is cached - skipping run, checking out outputs" in result.stdout, result.stdout
+        assert (curve.read_text() == at_002) == (lr == 0.02)
 
 
 def test_without_offline_negatives_mine_mines_nothing_and_train_reads_nothing(tiny_repo):
@@ -117,7 +134,6 @@ def test_a_bad_evaluate_key_stops_the_first_stage_that_runs(tiny_repo):
     tiny_repo, _ = tiny_repo
     set_param(tiny_repo, "pretrain", "lr", 0.02)  # pretrain is the first stage to re-run
     set_param(tiny_repo, "evaluate", "ks", [10, 1])
-    curve = (tiny_repo / "data/live/pretrain/plots/metrics/loss.tsv").read_text()
     try:
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         result = subprocess.run(["dvc", "repro"], cwd=tiny_repo, env=env, capture_output=True, text=True)
@@ -128,4 +144,5 @@ def test_a_bad_evaluate_key_stops_the_first_stage_that_runs(tiny_repo):
     assert "params.yaml: evaluate.ks: must be increasing and non-empty" in result.stdout + result.stderr
     assert "Running stage 'pretrain'" in result.stdout
     assert "Running stage 'mine'" not in result.stdout and not list(tiny_repo.glob("data/.pretrain.partial-*"))
-    assert (tiny_repo / "data/live/pretrain/plots/metrics/loss.tsv").read_text() == curve  # no step was trained
+    # DVC removed the stage's outputs before running it; the stage stopped before its loop made a new curve
+    assert not (tiny_repo / "data/live/pretrain/plots/metrics").exists()

@@ -1,5 +1,6 @@
 import math
 import itertools
+import shutil
 import warnings
 
 import pytest
@@ -198,7 +199,8 @@ def test_selection_keeps_the_best_validated_weights_across_a_resume(tmp_path):
 
 def test_curves_go_to_the_live_folder_as_training_goes_and_a_resumed_run_continues_them(tmp_path):
     """The live folder is outside the staged output: its rows are on disk before the run ends (read here from
-    inside a validate call at step 4), a resumed run keeps the rows up to its checkpoint and appends, and a new
+    inside a validate call at step 4), a resumed run restores the rows up to its checkpoint (even with the folder gone,
+    as DVC leaves it) and appends, and a new
     run starts the curves afresh."""
     live = tmp_path / "live"
     cfg = parse(LoopConfig, "pretrain", {**LOOP, "eval_every": 2, "log_every": 1, "checkpoint_every": 2})
@@ -223,6 +225,7 @@ def test_curves_go_to_the_live_folder_as_training_goes_and_a_resumed_run_continu
     assert seen_mid_run["val"][1:] and seen_mid_run["val"][1].split("\t")[0] == "2"
     assert not (tmp_path / "work" / "live").exists()  # nothing inside the staged output
 
+    shutil.rmtree(live)  # DVC removes a stage's outputs before it runs the stage again: the checkpoint holds them
     fit(fresh_model(), batches(start=4), regression_step, cfg, tmp_path / "work", "test",
         validate=lambda m: {"val_r1": 9.0, "val_r10": 9.0}, live_dir=live)
     loss_steps = [int(row.split("\t")[0]) for row in (live / "plots/metrics/loss.tsv").read_text().splitlines()[1:]]

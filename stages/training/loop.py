@@ -154,13 +154,21 @@ def output_dir(out: Path, key: str, world: distributed.World):
     return staged_dir(out, resume_key=key) if world.main else contextlib.nullcontext(partial_dir(out, key))
 
 
-def forget_logs_after(live_dir: Path, step: int) -> None:
-    """Drop the dvclive rows a crashed run logged after its last checkpoint; the resumed run redoes them."""
-    for tsv in (live_dir / "plots" / "metrics").glob("**/*.tsv"):
-        header, *rows = tsv.read_text().splitlines()
-        kept = [row for row in rows if int(row.split("\t")[0]) <= step]
-        with atomic_path(tsv) as tmp:
-            tmp.write_text("\n".join([header, *kept]) + "\n")
+def saved_curves(live_dir: Path) -> dict[str, str]:
+    """The dvclive folder's files (curves and their summary), by path relative to it: kept in each checkpoint."""
+    return {path.relative_to(live_dir).as_posix(): path.read_text()
+            for path in sorted(live_dir.rglob("*")) if path.is_file()} if live_dir.exists() else {}
+
+
+def restore_curves(live_dir: Path, curves: dict[str, str]) -> None:
+    """The live folder as it was at the checkpoint: DVC removes a stage's outputs before it runs the stage again
+    (the folder is a cached output so that the run-cache and `dvc pull` restore it), and rows a crashed run
+    logged after its checkpoint are redone by the resumed run."""
+    if live_dir.exists():
+        shutil.rmtree(live_dir)
+    for relative, text in curves.items():
+        (live_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (live_dir / relative).write_text(text)
 
 
 class _Step(torch.nn.Module):
@@ -202,7 +210,8 @@ def fit(
     `batches` is an iterator, or a function of the first step that returns one (a sampler that can resume
     where the crashed run stopped). Logs loss, learning rate and validation scores with dvclive under `live_dir`
     (default `work_dir/live`), as they come: a stage gives a folder outside its staged output, so `dvc plots show`
-    reads the curves while it runs; a fresh run starts the folder anew, a resumed one continues its curves.
+    reads the curves while it runs; a fresh run starts the folder anew, a resumed one continues the curves its
+    checkpoint holds.
     Returns a one-line summary.
     `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
     `validate(model)` (None: no validation) scores the weights every cfg.eval_every steps and at the end,
@@ -235,7 +244,7 @@ def fit(
         torch.set_rng_state(state["rng"])
         start = state["step"]
         if main:
-            forget_logs_after(live_dir, start)
+            restore_curves(live_dir, state["curves"])
             print(f"{name}: resuming at step {start} from {resume_file}")
     if callable(batches):
         batches = batches(start)
@@ -314,7 +323,7 @@ def fit(
                 torch.save({"model": model.state_dict(), "optimizers": [o.state_dict() for o, _ in optimizers],
                             "schedulers": [sched.state_dict() for _, sched in optimizers],
                             "rng": torch.get_rng_state(), "step": step + 1, "selected": selected,
-                            "ema": ema.shadow if ema is not None else None}, tmp)
+                            "ema": ema.shadow if ema is not None else None, "curves": saved_curves(live_dir)}, tmp)
     if main:
         live.end()
     if ema is not None:  # the averaged weights are the model that is saved and evaluated
