@@ -214,7 +214,8 @@ def verdicts(diffs: dict[tuple[str, str], dict[str, Interval]], metrics: tuple[s
                 parts.append(f"{title} {d.text(signed=True)}: {a} is {word}, the interval excludes zero")
             else:
                 parts.append(f"{title} {d.text(signed=True)}: the interval includes zero, no difference is shown")
-        lines.append(f"- {a} vs {b} ({min(d.n for d in by_metric.values())} seeds): " + "; ".join(parts) + ".")
+        n = min(d.n for d in by_metric.values())
+        lines.append(f"- {a} vs {b} ({n} seed{'s' if n != 1 else ''}): " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
 

@@ -55,6 +55,29 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_where_an_unbroken_on
     assert [line.split("\t")[0] for line in logged[1:]] == ["1", "2", "3", "4", "5", "6"]
 
 
+def test_a_checkpoint_from_before_curves_were_saved_still_resumes_and_says_so(tmp_path, capsys):
+    """A run crashed under an older cirflow left a resume.pt without "curves": the resumed run goes on, keeps the
+    rows the live folder still has up to the checkpoint, and says where its curves come from."""
+    cfg = parse(LoopConfig, "pretrain", {**LOOP, "log_every": 1})
+
+    def crash_at_step_5(model, batch, calls=itertools.count()):
+        if next(calls) == 5:
+            raise RuntimeError("power cut")
+        return regression_step(model, batch)
+
+    work, live = tmp_path / "work", tmp_path / "live"
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(fresh_model(), batches(), crash_at_step_5, cfg, work, "test", live_dir=live)
+    state = torch.load(work / "resume.pt", weights_only=True)
+    del state["curves"]
+    torch.save(state, work / "resume.pt")
+    summary = fit(fresh_model(), batches(start=4), regression_step, cfg, work, "test", live_dir=live)
+    assert summary["steps"] == 2
+    assert "holds no curves (an older checkpoint)" in capsys.readouterr().out
+    logged = (live / "plots/metrics/loss.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in logged[1:]] == ["1", "2", "3", "4", "5", "6"]
+
+
 def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
     cfg = parse(LoopConfig, "pretrain", LOOP)
     nan_step = lambda model, batch: (model(batch["x"]).sum() * float("nan"), {})

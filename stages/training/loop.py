@@ -160,6 +160,15 @@ def saved_curves(live_dir: Path) -> dict[str, str]:
             for path in sorted(live_dir.rglob("*")) if path.is_file()} if live_dir.exists() else {}
 
 
+def forget_logs_after(live_dir: Path, step: int) -> None:
+    """Drop the dvclive rows a crashed run logged after its last checkpoint; the resumed run redoes them."""
+    for tsv in (live_dir / "plots" / "metrics").glob("**/*.tsv"):
+        header, *rows = tsv.read_text().splitlines()
+        kept = [row for row in rows if int(row.split("\t")[0]) <= step]
+        with atomic_path(tsv) as tmp:
+            tmp.write_text("\n".join([header, *kept]) + "\n")
+
+
 def restore_curves(live_dir: Path, curves: dict[str, str]) -> None:
     """The live folder as it was at the checkpoint: DVC removes a stage's outputs before it runs the stage again
     (the folder is a cached output so that the run-cache and `dvc pull` restore it), and rows a crashed run
@@ -244,7 +253,12 @@ def fit(
         torch.set_rng_state(state["rng"])
         start = state["step"]
         if main:
-            restore_curves(live_dir, state["curves"])
+            if "curves" in state:
+                restore_curves(live_dir, state["curves"])
+            else:  # written by cirflow before checkpoints held the curves
+                forget_logs_after(live_dir, start)
+                print(f"{name}: {resume_file} holds no curves (an older checkpoint): the curves before step "
+                      f"{start} are what {live_dir} still has")
             print(f"{name}: resuming at step {start} from {resume_file}")
     if callable(batches):
         batches = batches(start)
