@@ -195,7 +195,8 @@ def differences_table(diffs: dict[tuple[str, str], dict[str, Interval]], keys: l
         cells = [f"{a} − {b}", str(n)] + [
             by_metric[title].text(signed=True) + (" *" if by_metric[title].excludes_zero() else "") for title, _ in keys]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n* the 95% interval of the paired difference excludes zero."
+    starred = any(d.excludes_zero() for by_metric in diffs.values() for d in by_metric.values())
+    return "\n".join(lines) + ("\n\n* the 95% interval of the paired difference excludes zero." if starred else "")
 
 
 def verdicts(diffs: dict[tuple[str, str], dict[str, Interval]], metrics: tuple[str, ...]) -> str:

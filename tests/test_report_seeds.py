@@ -54,7 +54,9 @@ def test_seeds_report_gives_intervals_differences_sentences_and_a_figure(tmp_pat
     diffs = report.differences(arms, keys, [("ga", "tirg"), ("same", "tirg")])
     assert diffs[("ga", "tirg")]["test R@1"].mean == pytest.approx(3.1666667)
     text = report.differences_table(diffs, keys)
-    assert "| ga − tirg | 3 | +3.2 ± " in text and " *" in text
+    assert "| ga − tirg | 3 | +3.2 ± " in text and " *" in text and "* the 95% interval" in text
+    alone = report.differences_table({("same", "tirg"): diffs[("same", "tirg")]}, keys)
+    assert " *" not in alone and "* the 95% interval" not in alone  # no star, no footnote
     sentences = report.verdicts(diffs, ("test R@1", "novel R@1"))
     assert "ga is higher, the interval excludes zero" in sentences
     assert "same vs tirg (3 seeds): test R@1 +0.0" in sentences and "includes zero" in sentences
