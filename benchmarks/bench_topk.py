@@ -2,13 +2,14 @@
 a user would otherwise run, in one sitting, each side in its own process (so peak memory is its own).
 
     python benchmarks/bench_topk.py [--n 50000] [--dim 512] [--k 50] [--naive-n 10000] [--device cpu|cuda]
-    python benchmarks/bench_topk.py --grid [--gallery-ratio 1]   # d x k grid: products, chunked, faiss
+    python benchmarks/bench_topk.py --grid [--gallery-ratio 1] [--repeats 3]   # d x k grid: products, chunked, faiss
 
 Sides: `products` (chunked_topk's block products alone over the whole problem, blocked and threaded as it does
 them: the sustained matmul rate, its ceiling), `chunked` (stages.retrieval.chunked_topk, the pipeline's code
 path: oneDNN block products and the numba selection on the CPU), `naive` (full Q x G matrix, then a per-row argsort, as research code does; at --naive-n because the full
 matrix is N² floats), scikit-learn
-`NearestNeighbors(algorithm="brute", metric="cosine")`, and faiss-cpu `IndexFlatIP` (pip install -e '.[bench]').
+`NearestNeighbors(algorithm="brute", metric="cosine")`, faiss-cpu `IndexFlatIP` (pip install -e '.[bench]'), and
+`floor` (run_output_floor: the output alone, no scores; --sides floor or --grid).
 The machine's own matmul rate is measured first in the same script (3 s on one cached block: "% matmul"), and
 again as the `products` side ("% products"); GFLOP/s of a side = 2·Q·G·d / seconds.
 Vectors are random unit vectors (cosine = inner product); all sides must return the same neighbours.
@@ -16,15 +17,19 @@ With --device cuda the matmul rate and the `chunked` side run on the GPU (the sa
 `evaluate` there); the other sides stay on the CPU.
 
 --grid: d in 128, 256, 512, 1024 x k in 10, 50, 100, 400, 2000 in one sitting, each cell's sides (`products`,
-`chunked`, faiss) one after the other, each in its own process; a markdown table with chunked / faiss (time) and
-chunked % of products. Queries x gallery per d are set so that the products take 1-3 s on the project's 2-core
-CPU (GRID_PRODUCTS); --gallery-ratio G/Q shapes them (1: square).
+`chunked`, faiss, `floor`) one after the other, each in its own process and timed as the fastest of --repeats runs
+(the same work each time: the machine's noise only adds); a markdown table with chunked / faiss (time), chunked %
+of products, and the output floor % of products: `floor` is what any exact top-k returning sorted (float32,
+int64) results spends on that output alone (sorting Q x k keys, writing Q x k results into fresh memory), so
+chunked cannot reach more than 100 / (100 + floor %) of the products. Queries x gallery per d are set so that the
+products take 1-3 s on the project's 2-core CPU (GRID_PRODUCTS); --gallery-ratio G/Q shapes them (1: square).
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
 import resource
+import threading
 import time
 
 import numpy as np
@@ -104,19 +109,53 @@ def run_faiss(q, g, k):
     return index.search(q, k)[1]
 
 
+def run_output_floor(q, g, k):
+    """What an exact top-k that returns each query's k best sorted, as (float32 score, int64 row), spends on its
+    output alone, without reading a score: Q x k 64-bit keys sorted row by row with numpy's sort (x86-simd-sort on
+    AVX-512) and the Q x k result written into fresh memory (the pages' first touch included), on torch's threads
+    in 512-row tasks as chunked_topk runs them. The keys are made in place by a multiplicative hash of their
+    position (an order as random as scores in gallery order, at the cost of writing them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads, rows_per_task = torch.get_num_threads(), 512
+    positions = np.arange(rows_per_task * k, dtype=np.uint64)
+    own = threading.local()  # each thread's keys, reused from task to task
+    scores, rows = torch.empty((len(q), k)), torch.empty((len(q), k), dtype=torch.long)
+
+    def task(r0):
+        if not hasattr(own, "keys"):
+            own.keys = np.empty((rows_per_task, k), np.uint64)
+        keys = own.keys[: min(rows_per_task, len(q) - r0)]
+        np.multiply(positions[: keys.size], np.uint64(0x9E3779B97F4A7C15 + 2 * r0), out=keys.reshape(-1))
+        keys.sort(axis=1)
+        scores[r0 : r0 + rows_per_task].fill_(0.0)
+        rows[r0 : r0 + rows_per_task].fill_(0)
+
+    with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        list(pool.map(task, range(0, len(q), rows_per_task)))
+    return None
+
+
 SIDES = {"products": run_products, "chunked": run_chunked, "naive": run_naive, "sklearn": run_sklearn,
-         "faiss": run_faiss}
+         "faiss": run_faiss, "floor": run_output_floor}
 
 
-def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue, n_gallery: int | None = None) -> None:
+def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue, n_gallery: int | None = None,
+            repeats: int = 1) -> None:
+    """Puts (side, n, seconds, peak MB, first rows' neighbours) on `out`: the fastest of `repeats` runs (the others
+    are the same work; the machine's noise only adds time)."""
     q, g = vectors(n, dim, 1), vectors(n_gallery or n, dim, 2)
     extra = {"device": device} if side in ("products", "chunked") else {}
     if side in ("products", "chunked"):  # imports, CUDA context and kernels, numba's compiled kernels: not counted
         SIDES[side](q[:1024], g[:8192], min(k, 8192, len(g)), device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    began = time.perf_counter()
-    neighbours = SIDES[side](q, g, k, **extra)
-    seconds = time.perf_counter() - began
+    times, neighbours = [], None
+    for _ in range(repeats):
+        neighbours = None  # the last run's result freed first: each run writes into fresh memory, as the first did
+        began = time.perf_counter()
+        neighbours = SIDES[side](q, g, k, **extra)
+        times.append(time.perf_counter() - began)
+    seconds = min(times)
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     head = None if neighbours is None else np.asarray(neighbours[:200], dtype=np.int64)
     out.put((side, n, seconds, peak_mb, head))
@@ -128,17 +167,17 @@ GRID_KS = (10, 50, 100, 400, 2000)
 GRID_PRODUCTS = {128: 2.3e9, 256: 1.15e9, 512: 5.8e8, 1024: 2.9e8}
 
 
-def run_side(ctx, side: str, n: int, dim: int, k: int, device: str, n_gallery: int | None = None):
-    """(seconds, peak MB, first rows' neighbours) of one side, in a fresh process."""
+def run_side(ctx, side: str, n: int, dim: int, k: int, device: str, n_gallery: int | None = None, repeats: int = 1):
+    """(seconds: the fastest of `repeats` runs, peak MB, first rows' neighbours) of one side, in a fresh process."""
     queue = ctx.Queue()
-    process = ctx.Process(target=measure, args=(side, n, dim, k, device, queue, n_gallery))
+    process = ctx.Process(target=measure, args=(side, n, dim, k, device, queue, n_gallery, repeats))
     process.start()
     _, _, seconds, peak_mb, head = queue.get()
     process.join()
     return seconds, peak_mb, head
 
 
-def grid(ratio: float, device: str, dims=GRID_DIMS, ks=GRID_KS) -> None:
+def grid(ratio: float, device: str, dims=GRID_DIMS, ks=GRID_KS, repeats: int = 3) -> None:
     import datetime
     import os
     import platform
@@ -149,22 +188,24 @@ def grid(ratio: float, device: str, dims=GRID_DIMS, ks=GRID_KS) -> None:
                platform.processor())
     print(f"{datetime.date.today()}: python benchmarks/bench_topk.py --grid --gallery-ratio {ratio:g}"
           + ("" if (dims, ks) == (GRID_DIMS, GRID_KS) else f" --dims {' '.join(map(str, dims))} --ks {' '.join(map(str, ks))}")
-          + "; "
-          f"{torch.get_num_threads()} threads, {cpu}; chunked on {device}; seconds of one run per side, each in its "
-          "own process", flush=True)
+          + ("" if repeats == 3 else f" --repeats {repeats}") + "; "
+          f"{torch.get_num_threads()} threads, {cpu}; chunked on {device}; seconds: the fastest of {repeats} runs of "
+          "each side, each side in its own process", flush=True)
     print("| d | queries x gallery | k | products s | chunked s | faiss s | chunked / faiss | chunked % of products "
-          "| same top-k |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| output floor % of products | same top-k |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for dim in dims:
         queries = int(round((GRID_PRODUCTS[dim] / ratio) ** 0.5, -2))
         gallery = int(round(queries * ratio, -2))
         for k in ks:  # the products again for each cell: its ratio is read from runs one after the other
-            products = run_side(ctx, "products", queries, dim, 1, device, gallery)[0]
-            chunked, _, mine = run_side(ctx, "chunked", queries, dim, k, device, gallery)
-            faiss, _, theirs = run_side(ctx, "faiss", queries, dim, k, "cpu", gallery)
+            products = run_side(ctx, "products", queries, dim, 1, device, gallery, repeats)[0]
+            chunked, _, mine = run_side(ctx, "chunked", queries, dim, k, device, gallery, repeats)
+            faiss, _, theirs = run_side(ctx, "faiss", queries, dim, k, "cpu", gallery, repeats)
+            floor = run_side(ctx, "floor", queries, dim, k, "cpu", gallery, repeats)[0]
             same = np.mean([len(set(a) & set(b)) / k for a, b in zip(mine, theirs)])
             print(f"| {dim} | {queries // 1000}k x {gallery / 1000:g}k | {k} | {products:.2f} | {chunked:.2f} | "
-                  f"{faiss:.2f} | {chunked / faiss:.2f} | {100 * products / chunked:.0f}% | {same:.3f} |", flush=True)
+                  f"{faiss:.2f} | {chunked / faiss:.2f} | {100 * products / chunked:.0f}% | "
+                  f"{100 * floor / products:.0f}% | {same:.3f} |", flush=True)
         print(f"(d={dim} done, load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
 
 
@@ -174,15 +215,16 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--naive-n", type=int, default=10000, help="size for the full-matrix side")
-    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--sides", nargs="+", default=[side for side in SIDES if side != "floor"], choices=list(SIDES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where `chunked` runs")
     parser.add_argument("--grid", action="store_true", help="the d x k grid of products, chunked and faiss")
     parser.add_argument("--gallery-ratio", type=float, default=1.0, help="--grid: gallery rows per query row")
     parser.add_argument("--dims", type=int, nargs="+", default=list(GRID_DIMS), help="--grid: its d values")
     parser.add_argument("--ks", type=int, nargs="+", default=list(GRID_KS), help="--grid: its k values")
+    parser.add_argument("--repeats", type=int, default=3, help="--grid: runs per side, the fastest reported")
     args = parser.parse_args()
     if args.grid:
-        return grid(args.gallery_ratio, args.device, tuple(args.dims), tuple(args.ks))
+        return grid(args.gallery_ratio, args.device, tuple(args.dims), tuple(args.ks), args.repeats)
     rates = matmul_gflops(args.dim, args.device)
     rate = max(rates.values())  # the machine's rate: its fastest BLAS
     print(f"{torch.get_num_threads()} threads; {args.device} matmul rate "
