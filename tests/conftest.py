@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 import zipfile
 from pathlib import Path
@@ -9,6 +10,28 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["fail_on_skip"]  # .ci/run: a skipped test fails the run
+
+MAX_WORKERS = 4  # `-n auto` (pyproject.toml): beyond this the pipeline tests' subprocesses only contend
+
+
+def _drop_prefect_exit_hooks_in_child() -> None:
+    """Prefect's API log worker registers a drain with `threading._register_atexit`; its own fork handler then
+    resets the worker in a forked child (`_done_event = None`) but leaves that hook, so the child fails at exit
+    (AssertionError in QueueService._drain, exit code 1 with nothing printed). A DataLoader worker forked by a test
+    process that ran a Prefect flow in-process (tests/test_parallel.py, test_pipelines.py: flows in the pytest
+    process) therefore "exited unexpectedly" at the end of its loader. The stages never run Prefect in a process
+    that forks DataLoader workers, so only the test processes need this (prefect 3, private `threading` list)."""
+    threading._threading_atexits[:] = [hook for hook in threading._threading_atexits
+                                       if not getattr(getattr(hook, "func", hook), "__module__", "").startswith("prefect.")]
+
+
+os.register_at_fork(after_in_child=_drop_prefect_exit_hooks_in_child)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """One pytest-xdist worker per core, at most MAX_WORKERS: most tests spend their time in one DVC stage's
+    subprocess (one core), and a worker per core keeps the machine busy."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(scope="session")

@@ -230,3 +230,19 @@ def test_bad_input_on_a_dask_worker_is_one_stage_error_naming_the_item(prefect_a
     cfg = config(runner="dask", address=scheduler.scheduler_address, items_per_task=2)
     with pytest.raises(StageError, match=r"^squares: item 4 of 8 \(3\): three is bad input$"):
         map_items(fussy_square, range(8), cfg, "squares")
+
+
+def test_a_dataloader_worker_forked_after_a_flow_here_exits_cleanly(prefect_api):
+    """A flow run in this process starts Prefect's API log worker, whose at-exit hook failed every forked child at
+    exit (tests/conftest.py drops it in children): a 2-worker DataLoader then raised 'exited unexpectedly' at its
+    end, failing whichever DataLoader test came after this module in the same process."""
+    import torch
+    from prefect import flow
+
+    @flow(persist_result=False)
+    def one() -> int:
+        return 1
+
+    assert one() == 1
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=None, num_workers=2)
+    assert list(loader) == list(range(8))
