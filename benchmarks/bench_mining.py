@@ -22,18 +22,16 @@ import time
 import numpy as np
 import torch
 
+from bench_topk import vectors  # random unit vectors (benchmarks/ is on sys.path when run as a script)
+
 TARGETS = {"Flickr30k": (29000, 145000), "COCO": (113287, 566435)}  # training images, captions (Karpathy split)
-
-
-def embeddings(n: int, dim: int, seed: int) -> torch.Tensor:
-    x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
-    return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
 
 
 def measure(images: int, per_image: int, dim: int, i2t_k: int, t2i_k: int, out: mp.Queue) -> None:
     from stages.retrieval.offline_candidates import mine_candidates
 
-    image_emb, text_emb = embeddings(images, dim, 1), embeddings(images * per_image, dim, 2)
+    image_emb = torch.from_numpy(vectors(images, dim, 1))
+    text_emb = torch.from_numpy(vectors(images * per_image, dim, 2))
     text_image = torch.arange(images).repeat_interleave(per_image)
     text_image = text_image[torch.randperm(len(text_image), generator=torch.Generator().manual_seed(0))]
     small = slice(0, 2 * i2t_k // per_image + 10)  # numba's kernels loaded, thread pool started: not counted

@@ -149,7 +149,7 @@ def measure(side: str, n: int, dim: int, k: int, device: str, out: mp.Queue, n_g
     if side in ("products", "chunked"):  # imports, CUDA context and kernels, numba's compiled kernels: not counted
         SIDES[side](q[:1024], g[:8192], min(k, 8192, len(g)), device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, neighbours = [], None
+    times = []
     for _ in range(repeats):
         neighbours = None  # the last run's result freed first: each run writes into fresh memory, as the first did
         began = time.perf_counter()

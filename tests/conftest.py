@@ -11,7 +11,7 @@ import pytest
 
 pytest_plugins = ["fail_on_skip"]  # .ci/run: a skipped test fails the run
 
-MAX_WORKERS = 4  # `-n auto` (pyproject.toml): beyond this the pipeline tests' subprocesses only contend
+MAX_WORKERS = 4  # `-n auto` (pyproject.toml): a cap on many-core machines (measured: 2 workers on 2 cores)
 
 
 def _drop_prefect_exit_hooks_in_child() -> None:
