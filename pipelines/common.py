@@ -1,12 +1,13 @@
 """What the flows share: the `orchestration` params, the DVC stage graph, and running DVC commands."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -79,12 +80,22 @@ def dvc(args: list[str], root: Path, stream: Callable[[str], None] | None = None
 
     With `stream`, stdout and stderr are merged and every line (a progress bar's `\r` updates too) is handed to
     `stream` as it comes: a long stage shows in the flow run's log while it runs. The result's stdout then holds
-    the merged text and stderr is empty."""
+    the merged text and stderr is empty.
+
+    A workspace experiment (`exp run` without --temp or --queue) waits for any other that a flow runs in another
+    worktree of the same Git repository (workspace_experiment_lock)."""
     env = {**os.environ, **(env or {}),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     executable = shutil.which("dvc", path=env["PATH"])
     if executable is None:
         raise FileNotFoundError("no `dvc` executable beside this Python or on PATH (run `make setup`)")
+    turn = workspace_experiment_lock(root, stream) if is_workspace_experiment(args) else nullcontext()
+    with turn:
+        return _run(executable, args, root, env, stream)
+
+
+def _run(executable: str, args: list[str], root: Path, env: dict[str, str],
+         stream: Callable[[str], None] | None) -> subprocess.CompletedProcess:
     if stream is None:
         return subprocess.run([executable, *args], cwd=root, env=env, capture_output=True, text=True)
     lines = []
@@ -96,6 +107,51 @@ def dvc(args: list[str], root: Path, stream: Callable[[str], None] | None = None
             if line.strip():
                 stream(line)
     return subprocess.CompletedProcess(process.args, process.returncode, "\n".join(lines), "")
+
+
+WORKSPACE_EXP_LOCK = "cirflow-workspace-exp.lock"  # in Git's common directory: one for all worktrees
+
+
+def is_workspace_experiment(args: list[str]) -> bool:
+    """Whether `dvc ARGS` runs an experiment in the workspace itself (not in a temporary copy, not queued)."""
+    return args[:2] == ["exp", "run"] and not {"--temp", "--queue", "--run-all"} & set(args)
+
+
+@contextmanager
+def workspace_experiment_lock(root: Path, stream: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the one turn that all worktrees of `root`'s Git repository share for a workspace `dvc exp run`.
+
+    DVC keeps a running workspace experiment's state in Git refs, refs/exps/exec/EXEC_BASELINE and its
+    siblings, and Git shares every ref under refs/ among the worktrees of a repository. When one worktree's
+    experiment ends, DVC deletes those refs while another worktree's may still be running; that one then fails at
+    its commit step with "'NoneType' object is not subscriptable" (ExpRefInfo(None, name): its baseline ref is
+    gone), after its stages have run. DVC's own locks are in each worktree's .dvc/tmp and do not see the other
+    worktree (treeverse/dvc#5456: experiments in git worktrees are unsupported). So a flow's workspace experiment
+    waits here, on a flock in Git's common directory, until no other worktree's is running; `stream` (else
+    stderr) is told whom it waits for. Experiments with --temp (pipelines.sweep) each run in their own temporary
+    repository with their own refs and need no turn. Outside a Git repository nothing is held."""
+    import fcntl
+
+    found = subprocess.run(["git", "rev-parse", "--git-common-dir"], cwd=root, capture_output=True, text=True)
+    if found.returncode != 0:
+        yield
+        return
+    path = (Path(root) / found.stdout.strip()) / WORKSPACE_EXP_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(path).read_text().strip() or "unknown"
+            (stream or (lambda line: print(line, file=sys.stderr)))(
+                f"waiting for the workspace experiment of another worktree of this Git repository ({holder}): "
+                "DVC shares a running experiment's refs among worktrees, so they take turns")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} in {Path(root).resolve()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def remove_stale_locks(root: Path) -> list[str]:
