@@ -33,6 +33,7 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from stages.common.atomic import staged_dir, write_json
+from stages.common.provenance import provenance
 from stages.common.errors import StageError, run_stage
 from stages.shards import store
 from stages.retrieval.embedding import embed_gallery, embed_matching_split, embed_queries, load_for_embedding
@@ -235,6 +236,11 @@ def check_params(path, declared: dict | None = None) -> None:
     load(EvaluateConfig, "evaluate", path)
 
 
+def model_files(paths: list[Path]) -> dict[str, Path]:
+    """The evaluated checkpoints by name for the provenance block: model, or model_1, model_2, ... (an ensemble)."""
+    return {"model": paths[0]} if len(paths) == 1 else {f"model_{i}": p for i, p in enumerate(paths, 1)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "python -m stages.evaluate --model data/train/model.pt --shards data/shards "
                           "--out metrics/evaluate.json", "the metrics file (JSON)")
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {split: result for split, (result, _) in scored.items()}
         if args.per_query:
             write_per_query(args.per_query, {split: rows for split, (_, rows) in scored.items() if k}, "matching", k)
-        write_json(args.out, metrics)
+        write_json(args.out, {**metrics, "provenance": provenance(device, **model_files(args.model))})
         line = ", ".join(f"{s} rsum {metrics[s]['all']['rsum']:.1f}" for s in cfg.splits)
         print(f"evaluate: matching {line} in {time.time() - began:.1f} s -> {args.out}")
         return
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = with_split_means({split: result for split, (result, _) in scored.items()}, cfg)
     if args.per_query:
         write_per_query(args.per_query, {split: rows for split, (_, rows) in scored.items() if k}, "composed", k)
-    write_json(args.out, metrics)
+    write_json(args.out, {**metrics, "provenance": provenance(device, **model_files(args.model))})
     print(f"evaluate: {headline(metrics, cfg)} in {time.time() - began:.1f} s -> {args.out}")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from stages.common import distributed
 from stages.shards import store
 from stages.common.atomic import write_json
+from stages.common.provenance import provenance
 from stages.common.errors import run_stage
 from stages.shards.loaders import decode_image
 from stages.shards.pairs import check_pair_sampling, query_batches
@@ -21,6 +22,7 @@ from stages.training.objectives import (
     check_ga_task,
     isotropic_noise,
     matching_loss,
+    random_streams,
     training_loss,
 )
 from stages.common.params import ParamsError, load, read_task
@@ -93,12 +95,16 @@ def main(argv: list[str] | None = None) -> None:
                       tokenizer.state_dict())
     with output_dir(args.out, key, world) as work:
         batches = query_batches(args.shards, task, batch_size, cfg, pin_memory=device.type == "cuda")
-        summary = fit(model, batches, step, cfg, work, "pretrain", isotropic_noise(ga, cfg.seed), validate,
-                      args.live if world.main else None)
+        noise = isotropic_noise(ga, cfg.seed)
+        summary = fit(model, batches, step, cfg, work, "pretrain", noise, validate, args.live if world.main else None,
+                      generators=random_streams(isotropic_noise=noise))
+        resumed_from = summary.pop("resumed_from_step")
         if world.main:
-            if args.metrics:
-                write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})
             save_model(work / "model.pt", model.cpu(), model_cfg, tokenizer.state_dict(), image_size)
+            if args.metrics:
+                write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size,
+                                          "provenance": provenance(device, world.size, resumed_from, training=True,
+                                                                   model=work / "model.pt")})
     distributed.stop()
     if not world.main:
         return

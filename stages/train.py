@@ -25,6 +25,7 @@ from models.losses.metric import offline_negative_hinge
 from stages.common import distributed
 from stages.shards import store
 from stages.common.atomic import write_json
+from stages.common.provenance import provenance
 from stages.common.errors import StageError, run_stage
 from stages.shards.loaders import decode_image, matching_batches
 from stages.shards.pairs import check_pair_sampling, query_batches
@@ -40,6 +41,7 @@ from stages.training.objectives import (
     check_ga_task,
     isotropic_noise,
     matching_loss,
+    random_streams,
     training_loss,
 )
 from stages.common.params import PARAMS_FILE, ParamsError, load, read_task, section
@@ -159,11 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     with output_dir(args.out, key, world) as work:
         batches = query_batches(args.shards, task, distributed.local_batch(cfg.batch_size, "train"), cfg,
                                 pin_memory=device.type == "cuda")
-        summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed), validate, args.live)
+        noise = isotropic_noise(ga, cfg.seed)
+        summary = fit(model, batches, step, cfg, work, "train", noise, validate, args.live,
+                      generators=random_streams(isotropic_noise=noise, offline_negatives=sampler))
+        resumed_from = summary.pop("resumed_from_step")
         if world.main:
-            if args.metrics:
-                write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})
             save_model(work / "model.pt", model.cpu(), model_cfg, text_state, image_size)
+            if args.metrics:
+                write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size,
+                                          "provenance": provenance(device, world.size, resumed_from, training=True,
+                                                                   model=work / "model.pt")})
     distributed.stop()
     if not world.main:
         return
@@ -185,22 +192,33 @@ def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, los
                       file_digest(mined) if cfg.offline_negatives else None,
                       store.index_digest(args.shards))
     with output_dir(args.out, key, world) as work:
-        if (work / "model.pt").is_file():  # a crash during SIAM training: the dual encoder is done
+        loaded = (work / "model.pt").is_file()
+        if loaded:  # a crash during SIAM training: the dual encoder is done
             model.load_state_dict(torch.load(work / "model.pt", map_location=device, weights_only=True)["model"])
             summary = json.loads((work / "summary.json").read_text())
         else:
             batches = matching_batches(args.shards, "train", distributed.local_batch(cfg.batch_size, "train"),
                                        cfg.shuffle_buffer, cfg.seed, cfg.workers, pin_memory=device.type == "cuda")
-            summary = fit(model, batches, step, cfg, work, "train", isotropic_noise(ga, cfg.seed), validate,
-                          args.live)
+            noise = isotropic_noise(ga, cfg.seed)
+            summary = fit(model, batches, step, cfg, work, "train", noise, validate, args.live,
+                          generators=random_streams(isotropic_noise=noise, aoq_negatives=negatives))
             if not world.main:
                 return
             write_json(work / "summary.json", summary)
             save_model(work / "model.pt", model, model_cfg, text_state, image_size)
+        resumed_from = summary.pop("resumed_from_step")
+        if loaded:
+            resumed_from = cfg.steps
         if cfg.siam_steps:
-            summary["siam_seconds"] = train_siam(model, tokenizer, image_size, cfg, loss_cfg, args.shards, work, device)
+            summary["siam_seconds"], siam_from = train_siam(model, tokenizer, image_size, cfg, loss_cfg, args.shards,
+                                                            work, device)
+            if siam_from is not None:  # SIAM's steps count on from the dual encoder's
+                resumed_from = cfg.steps + siam_from
         if args.metrics:
-            write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size})
+            files = {"model": work / "model.pt", **({"siam": work / SIAM_FILE} if cfg.siam_steps else {})}
+            write_json(args.metrics, {**summary, "cuda": int(device.type == "cuda"), "processes": world.size,
+                                      "provenance": provenance(device, world.size, resumed_from, training=True,
+                                                               **files)})
     loss = f"AOQ {loss_cfg.aoq_variant} (offline range {cfg.aoq_candidate_range})" if negatives else loss_cfg.name
     siam = f", SIAM {cfg.siam_steps} steps" if cfg.siam_steps else ""
     print(f"train: matching, {loss}, {summary['steps']} steps in {summary['seconds']} s "
@@ -208,9 +226,11 @@ def train_matching(model, model_cfg, text_state, image_size, tokenizer, cfg, los
 
 
 def train_siam(model, tokenizer, image_size: int, cfg: TrainConfig, loss_cfg, shard_dir: Path, work: Path,
-               device) -> float:
-    """SIAM on the frozen dual encoder (the release's optimiser: Adam, weight decay 1e-4) -> work/siam.pt."""
+               device) -> tuple[float, int | None]:
+    """SIAM on the frozen dual encoder (the release's optimiser: Adam, weight decay 1e-4) -> work/siam.pt;
+    (seconds, the SIAM step it resumed from or None)."""
     model.requires_grad_(False).eval()
+    seed_everything(cfg.seed + 1)  # SIAM's init and stream: a function of the seed, whether or not the DE run resumed
     siam = build_siam(model, image_size, device)
     siam_cfg = dataclasses.replace(cfg, steps=cfg.siam_steps, lr=cfg.siam_lr, optimizer="adam", weight_decay=1e-4,
                                    lr_decay_every=0, lr_schedule="step", selection="last", eval_every=0, ema_decay=0.0,
@@ -220,7 +240,7 @@ def train_siam(model, tokenizer, image_size: int, cfg: TrainConfig, loss_cfg, sh
     summary = fit(siam, batches, lambda s, b: siam_step(model, s, tokenizer, loss_cfg.nce_tau, b, device), siam_cfg,
                   work / "siam", "siam")
     save_siam(work / SIAM_FILE, siam.cpu())
-    return summary["seconds"]
+    return summary["seconds"], summary["resumed_from_step"]
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ def test_batches_decoded_on_a_device_equal_the_workers_decoding(jpeg, workers):
 def test_per_iteration_batches_decode_on_a_device_too(jpeg):
     from stages.shards.pairs import per_iteration_batches
 
-    plain = next(per_iteration_batches(jpeg, "train", 6, seed=0, workers=0, start=0, steps=1))
-    on_device = next(per_iteration_batches(jpeg, "train", 6, seed=0, workers=0, start=0, steps=1,
+    plain = next(per_iteration_batches(jpeg, "train", 6, seed=0, workers=0, steps=1))
+    on_device = next(per_iteration_batches(jpeg, "train", 6, seed=0, workers=0, steps=1,
                                            decode_on=torch.device("cpu")))
     assert plain["query_id"] == on_device["query_id"]
     assert torch.allclose(plain["ref"], on_device["ref"], atol=1e-5) and on_device["tgt"].shape == (6, 3, 24, 24)
@@ -167,3 +167,27 @@ def test_encoded_images_are_jpeg_only(data):
         next(training_batches(data / "shards", "train", 8, 16, seed=0, workers=0, decode_on=torch.device("cpu")))
     with pytest.raises(StageError, match="JPEG only"):
         encoded_image(b"\x89PNG\r\n")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_restored_stream_goes_on_with_the_uninterrupted_batches_across_epochs(data, workers, tmp_path):
+    """The position saved after any batch (mid-epoch, at an epoch's end, in the next epoch) and restored into a new
+    stream (through torch.save, as a checkpoint holds it) gives the batches the uninterrupted stream gives next."""
+    def stream():
+        return training_batches(data / "shards", "train", 8, 16, seed=0, workers=workers)
+
+    whole = stream()
+    expected = [next(whole) for _ in range(14)]  # 48 queries: 6 batches an epoch
+    whole.close()
+    for cut in (3, 6, 8):
+        first = stream()
+        for _ in range(cut):
+            next(first)
+        torch.save(first.state_dict(), tmp_path / "position.pt")
+        first.close()
+        resumed = stream()
+        resumed.load_state_dict(torch.load(tmp_path / "position.pt", weights_only=True))
+        for batch in expected[cut:]:
+            got = next(resumed)
+            assert got["query_id"] == batch["query_id"] and torch.equal(got["ref"], batch["ref"]), f"cut at {cut}"
+        resumed.close()

@@ -46,11 +46,18 @@ def test_different_steps_draw_different_pairs_and_a_seed_draws_the_same_ones(dat
 
 def test_the_same_batches_whatever_the_workers_and_a_resume_continues_them(data):  # noqa: F811
     def ids(workers, start, steps):
-        return [b["query_id"] for b in per_iteration_batches(data / "shards", "train", 8, 0, workers, start, steps)]
+        stream = per_iteration_batches(data / "shards", "train", 8, 0, workers, steps)
+        if start:
+            stream.load_state_dict({"step": start})
+        return [b["query_id"] for b in stream]
 
     serial = ids(0, 0, 6)
     assert ids(2, 0, 6) == serial
     assert ids(0, 3, 6) == serial[3:]  # a run resumed at step 3 draws what the crashed one would have
+    stream = per_iteration_batches(data / "shards", "train", 8, 0, 0, 6)
+    for _ in range(4):
+        next(stream)
+    assert stream.state_dict() == {"step": 4}
 
 
 def test_per_iteration_sampling_is_refused_for_matching():

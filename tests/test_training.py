@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stages.common.params import parse
+from stages.common.errors import StageError
 from stages.training.loop import LoopConfig, fit
 
 LOOP = dict(seed=0, steps=6, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, lr_decay_every=3,
@@ -55,9 +56,9 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_where_an_unbroken_on
     assert [line.split("\t")[0] for line in logged[1:]] == ["1", "2", "3", "4", "5", "6"]
 
 
-def test_a_checkpoint_from_before_curves_were_saved_still_resumes_and_says_so(tmp_path, capsys):
-    """A run crashed under an older cirflow left a resume.pt without "curves": the resumed run goes on, keeps the
-    rows the live folder still has up to the checkpoint, and says where its curves come from."""
+def test_a_checkpoint_without_random_streams_or_data_position_is_refused_with_what_to_do(tmp_path):
+    """A run crashed under an older cirflow left a resume.pt without the streams: going on from it could not end as
+    the uninterrupted run does, so the stage stops and says how to start afresh."""
     cfg = parse(LoopConfig, "pretrain", {**LOOP, "log_every": 1})
 
     def crash_at_step_5(model, batch, calls=itertools.count()):
@@ -65,17 +66,14 @@ def test_a_checkpoint_from_before_curves_were_saved_still_resumes_and_says_so(tm
             raise RuntimeError("power cut")
         return regression_step(model, batch)
 
-    work, live = tmp_path / "work", tmp_path / "live"
+    work = tmp_path / "work"
     with pytest.raises(RuntimeError, match="power cut"):
-        fit(fresh_model(), batches(), crash_at_step_5, cfg, work, "test", live_dir=live)
+        fit(fresh_model(), batches(), crash_at_step_5, cfg, work, "test")
     state = torch.load(work / "resume.pt", weights_only=True)
-    del state["curves"]
+    del state["ranks"]
     torch.save(state, work / "resume.pt")
-    summary = fit(fresh_model(), batches(start=4), regression_step, cfg, work, "test", live_dir=live)
-    assert summary["steps"] == 2
-    assert "holds no curves (an older checkpoint)" in capsys.readouterr().out
-    logged = (live / "plots/metrics/loss.tsv").read_text().splitlines()
-    assert [line.split("\t")[0] for line in logged[1:]] == ["1", "2", "3", "4", "5", "6"]
+    with pytest.raises(StageError, match=f"a checkpoint of an older cirflow .* delete {work} to start afresh"):
+        fit(fresh_model(), batches(start=4), regression_step, cfg, work, "test")
 
 
 def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):

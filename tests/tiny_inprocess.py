@@ -33,26 +33,34 @@ def write_params(dest: Path, **changes) -> Path:
     return path
 
 
-def build(root: Path, **changes) -> TinyRun:
-    """The run in `root`; `changes` ({section: {key: value}} or {key: value}) go over the tiny params (e.g.
-    another dataset)."""
-    from stages import evaluate, pretrain
-    from stages.index import build_index
+def pretrained(root: Path, params: Path) -> Path:
+    """prepare, resize, shard, vocabulary and pretrain of `params` into root/{prepared,resized,shards,vocab,pretrain}."""
+    from stages import pretrain
     from stages.prepare import prepare
     from stages.resize import resize
     from stages.shard import shard
     from stages.vocabulary import vocabulary
 
-    overrides = dict(changes)
-    for section in ("evaluate", "pretrain"):
-        overrides[section] = {"device": "cpu", **overrides.get(section, {})}
-    params = write_params(root, **overrides)
     prepare(root / "prepared", params)
     resize(root / "prepared", root / "resized", params)
     shard(root / "resized", root / "shards", params)
     vocabulary(root / "shards", root / "vocab", params)
     pretrain.main(["--params", str(params), "--shards", str(root / "shards"), "--vocab", str(root / "vocab"),
                    "--out", str(root / "pretrain")])
+    return root / "pretrain" / "model.pt"
+
+
+def build(root: Path, **changes) -> TinyRun:
+    """The run in `root`; `changes` ({section: {key: value}} or {key: value}) go over the tiny params (e.g.
+    another dataset)."""
+    from stages import evaluate
+    from stages.index import build_index
+
+    overrides = dict(changes)
+    for section in ("evaluate", "pretrain"):
+        overrides[section] = {"device": "cpu", **overrides.get(section, {})}
+    params = write_params(root, **overrides)
+    pretrained(root, params)
     model = root / "pretrain" / "model.pt"
     build_index(model, root / "shards", [SPLIT], root / "index", 64, torch.device("cpu"))
     evaluate.main(["--params", str(params), "--model", str(model), "--shards", str(root / "shards"),

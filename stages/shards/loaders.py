@@ -20,14 +20,13 @@ from typing import Literal
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
-from torch.utils.data._utils import signal_handling
 from PIL import Image
 from torchvision.transforms import v2
 
 from stages.common import distributed
 from stages.common.errors import StageError
 from stages.shards import store
+from stages.shards.resumable import DecodedBatches, ResumableStream, stateful_loader
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -78,18 +77,9 @@ def _images(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     return list(images) if images[0].dim() == 1 else torch.stack(images)
 
 
-def decoded_on(batches: Iterator[dict], device: torch.device | None) -> Iterator[dict]:
-    """The batches with their encoded images (lists from workers that read with `encoded_image`) decoded on
-    `device`; None: they are decoded already."""
-    if device is None:
-        yield from batches
-        return
-    try:
-        for batch in batches:
-            yield {k: decode_jpegs(v, device) if k in IMAGE_KEYS and isinstance(v, list) else v
-                   for k, v in batch.items()}
-    finally:
-        batches.close()  # stops the loader's workers now, not when the generator is collected
+def decoded_batch(batch: dict, device: torch.device) -> dict:
+    """The batch with its encoded images (lists from workers that read with `encoded_image`) decoded on `device`."""
+    return {k: decode_jpegs(v, device) if k in IMAGE_KEYS and isinstance(v, list) else v for k, v in batch.items()}
 
 
 def _query_sample(sample: dict, image=decode_image) -> dict:
@@ -135,26 +125,19 @@ def _collate_pairs(pairs: list[dict]) -> dict:
     }
 
 
-def _epoch_loader(urls: dict[str, int], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
-                  to_item=_query_sample, collate=_collate, expand=None, pin_memory: bool = False):
-    """One epoch of the shards `urls` ({shard: indexed count}, store.shard_counts): shards shuffled, samples
-    (after `expand`, a generator stage, if any) shuffled, mapped by `to_item`, collated into full batches."""
+def _raw_epoch(urls: dict[str, int], batch_size: int, shuffle_buffer: int, seed: int, expand=None):
+    """One epoch of the shards `urls` ({shard: indexed count}, store.shard_counts) as lists of undecoded samples:
+    shards shuffled, samples (after `expand`, a generator stage, if any) shuffled, grouped into full batches."""
     dataset = (
         store.open_shards(urls, shardshuffle=len(urls), seed=seed, nodesplitter=None, empty_check=False)
-        .decode()  # json only; images stay bytes until to_item (decoding before shuffle keeps the order)
+        .decode()  # json only; images stay bytes until the batch is finished (decoding before shuffle keeps the order)
     )
     if expand is not None:
         dataset = dataset.compose(expand)
-    dataset = (
-        dataset.shuffle(shuffle_buffer, seed=seed)
-        .map(to_item)
-        .batched(batch_size, collation_fn=collate, partial=False)
-    )
-    return DataLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)), pin_memory=pin_memory)
+    return dataset.shuffle(shuffle_buffer, seed=seed).batched(batch_size, collation_fn=list, partial=False)
 
 
-def _resampled_loader(urls: list[str], batch_size: int, shuffle_buffer: int, seed: int, workers: int,
-                      to_item=_query_sample, collate=_collate, expand=None, pin_memory: bool = False):
+def _raw_resampled(urls: list[str], batch_size: int, shuffle_buffer: int, seed: int, expand=None):
     """An endless stream for one of several training processes: shards drawn with replacement, seeded by
     (rank, DataLoader worker, seed) (wds.ResampledShards, deterministic), so every rank and worker reads
     its own reproducible stream, none runs dry, and all ranks take the same number of equal batches."""
@@ -162,86 +145,59 @@ def _resampled_loader(urls: list[str], batch_size: int, shuffle_buffer: int, see
              wds.tarfile_to_samples(handler=store.ShardErrors()), wds.decode()]
     if expand is not None:
         steps.append(expand)
-    steps += [wds.shuffle(shuffle_buffer, seed=seed), wds.map(to_item),
-              wds.batched(batch_size, collation_fn=collate, partial=False)]
-    return DataLoader(wds.DataPipeline(*steps), batch_size=None, num_workers=workers, pin_memory=pin_memory)
+    steps += [wds.shuffle(shuffle_buffer, seed=seed), wds.batched(batch_size, collation_fn=list, partial=False)]
+    return wds.DataPipeline(*steps)
 
 
-def _batches(loader: DataLoader) -> Iterator[dict]:
-    """The loader's batches; when one fails (e.g. a missing shard in a worker), its worker processes are
-    stopped before the error goes on: the traceback keeps the iterator alive, and a worker exiting later
-    would raise from torch's SIGCHLD handler in whatever code runs then."""
-    iterator = iter(loader)
-    try:
-        yield from iterator
-    except BaseException:
-        _stop_workers(iterator)
-        raise
+def _finisher(to_item, collate):
+    return lambda samples: collate([to_item(sample) for sample in samples])
 
 
-def _stop_workers(iterator) -> None:
-    """torch's own clean-up of a multi-process DataLoader iterator (private API), with its workers first
-    taken off torch's SIGCHLD watch: a worker that failed on a shard can exit with code 1 while it is joined
-    (seen in the full test suite), which the watch would raise as a second error over the first."""
-    if not hasattr(iterator, "_shutdown_workers"):  # workers=0: nothing to stop
-        return
-    if getattr(iterator, "_worker_pids_set", False):
-        signal_handling._remove_worker_pids(id(iterator))
-        iterator._worker_pids_set = False
-    iterator._shutdown_workers()
-
-
-def _endless(epoch_loader, what: str, shard_dir: Path, split: str, batch_size: int, seed: int) -> Iterator[dict]:
-    """Batches of epoch_loader(seed + epoch) for epoch 0, 1, ...; an epoch without a batch is an error."""
-    for epoch in itertools.count():
-        yielded = False
-        for batch in _batches(epoch_loader(seed + epoch)):
-            yielded = True
-            yield batch
-        if not yielded:
-            raise ValueError(f"{shard_dir}: split '{split}' has fewer {what} than one batch of {batch_size}")
+def _stream(urls: dict[str, int], batch_size: int, shuffle_buffer: int, seed: int, workers: int, to_item, collate,
+            expand, pin_memory: bool, decode_on: torch.device | None, empty: str) -> ResumableStream:
+    """Epochs of the shards on one process, an endless resampled stream on several (see _raw_resampled)."""
+    finish = _finisher(to_item, collate)
+    if distributed.size() > 1:
+        def make_loader(s):
+            raw = _raw_resampled(list(urls), batch_size, shuffle_buffer, seed, expand)
+            return stateful_loader(DecodedBatches(raw, finish), s, workers, pin_memory)
+    else:
+        def make_loader(s):
+            raw = _raw_epoch(urls, batch_size, shuffle_buffer, s, expand)
+            return stateful_loader(DecodedBatches(raw, finish), s, min(workers, len(urls)), pin_memory)
+    decode = None if decode_on is None else functools.partial(decoded_batch, device=decode_on)
+    return ResumableStream(make_loader, seed, empty, decode)
 
 
 def training_batches(
     shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int,
     pin_memory: bool = False, decode_on: torch.device | None = None,
-) -> Iterator[dict]:
+) -> ResumableStream:
     """Endless shuffled query batches; each epoch reshuffles with seed + epoch (reproducible). On several
     processes (stages.common.distributed) each rank gets `batch_size` queries per batch from resampled store.
     pin_memory: batches in page-locked memory, for non-blocking copies to the GPU. decode_on: None, the workers
-    decode the images; a device, the batch is decoded there (JPEG shards; see the module doc)."""
+    decode the images; a device, the batch is decoded there (JPEG shards; see the module doc).
+    The stream's position is saved and restored with state_dict / load_state_dict (stages.shards.resumable)."""
     urls = store.shard_counts(shard_dir, split, "queries")
     to_item = _query_sample if decode_on is None else functools.partial(_query_sample, image=encoded_image)
-    if distributed.size() > 1:
-        batches = _batches(_resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers, to_item=to_item,
-                                             pin_memory=pin_memory))
-    else:
-        batches = _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers, to_item=to_item,
-                                                   pin_memory=pin_memory),
-                           "queries", shard_dir, split, batch_size, seed)
-    yield from decoded_on(batches, decode_on)
+    return _stream(urls, batch_size, shuffle_buffer, seed, workers, to_item, _collate, None, pin_memory, decode_on,
+                   f"{shard_dir}: split '{split}' has fewer queries than one batch of {batch_size}")
 
 
 def matching_batches(
     shard_dir: Path, split: str, batch_size: int, shuffle_buffer: int, seed: int, workers: int,
     pin_memory: bool = False, decode_on: torch.device | None = None,
-) -> Iterator[dict]:
+) -> ResumableStream:
     """Endless shuffled batches of (image, caption) pairs for image-text matching: every caption of
     every gallery image of the split is one pair each epoch (an image with 5 captions comes 5 times).
     Keys: image (B x 3 x H x W), text, image_id, caption_id (lists). Each epoch reshuffles with
     seed + epoch (reproducible); pairs that do not fill a last batch are left out of that epoch. On several
     processes (stages.common.distributed) each rank gets `batch_size` pairs per batch from resampled store.
-    decode_on: as training_batches."""
+    decode_on and the saved position: as training_batches."""
     urls = store.shard_counts(shard_dir, split, "gallery")
     to_item = _pair_sample if decode_on is None else functools.partial(_pair_sample, image=encoded_image)
-    if distributed.size() > 1:
-        batches = _batches(_resampled_loader(list(urls), batch_size, shuffle_buffer, seed, workers, to_item=to_item,
-                                             collate=_collate_pairs, expand=_pairs, pin_memory=pin_memory))
-    else:
-        batches = _endless(lambda s: _epoch_loader(urls, batch_size, shuffle_buffer, s, workers, to_item=to_item,
-                                                   collate=_collate_pairs, expand=_pairs, pin_memory=pin_memory),
-                           "image-caption pairs", shard_dir, split, batch_size, seed)
-    yield from decoded_on(batches, decode_on)
+    return _stream(urls, batch_size, shuffle_buffer, seed, workers, to_item, _collate_pairs, _pairs, pin_memory,
+                   decode_on, f"{shard_dir}: split '{split}' has fewer image-caption pairs than one batch of {batch_size}")
 
 
 def decode_device(decode: Decode, device: torch.device, shard_dir: Path | str, split: str,

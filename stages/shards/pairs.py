@@ -9,16 +9,17 @@ draws alike (two targets of one source with different adjectives). Where a refer
 release would loop for ever; here a new first query is drawn instead.
 
 Batch `step` depends on (seed, rank, step) alone: the same batches for a seed whatever the worker count, a
-resumed run goes on with the batch it would have drawn, and different steps draw different queries.
+resumed run goes on with the batch it would have drawn (its stream's state is the next step), and different steps
+draw different queries.
 """
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from stages.common import distributed
 from stages.common.device import pick_device
@@ -27,15 +28,15 @@ from stages.common.params import PARAMS_FILE, ParamsError
 from stages.shards import store
 from stages.shards.loaders import (
     Decode,
-    _batches,
     _images,
     decode_device,
     decode_image,
-    decoded_on,
+    decoded_batch,
     encoded_image,
     matching_batches,
     training_batches,
 )
+from stages.shards.resumable import StepStream
 
 
 class PerIterationQueries(Dataset):
@@ -87,15 +88,13 @@ class PerIterationQueries(Dataset):
 
 
 def per_iteration_batches(shard_dir: Path | str, split: str, batch_size: int, seed: int, workers: int,
-                          start: int, steps: int, pin_memory: bool = False,
-                          decode_on: torch.device | None = None) -> Iterator[dict]:
-    """The batches of steps start..steps-1 (each rank its own draw, `batch_size` per rank); decode_on as
-    stages.shards.loaders.training_batches."""
+                          steps: int, pin_memory: bool = False, decode_on: torch.device | None = None) -> StepStream:
+    """The batches of steps 0..steps-1 (each rank its own draw, `batch_size` per rank); decode_on as
+    stages.shards.loaders.training_batches. A restored position (load_state_dict) starts at its step."""
     image = decode_image if decode_on is None else encoded_image
     dataset = PerIterationQueries(shard_dir, split, batch_size, seed, distributed.rank(), image)
-    loader = DataLoader(dataset, batch_size=None, sampler=range(start, steps), num_workers=workers,
-                        pin_memory=pin_memory)
-    yield from decoded_on(_batches(loader), decode_on)
+    decode = None if decode_on is None else functools.partial(decoded_batch, device=decode_on)
+    return StepStream(dataset, steps, seed, workers, pin_memory, decode)
 
 
 def check_pair_sampling(cfg, task: str, section: str) -> None:
@@ -107,8 +106,8 @@ def check_pair_sampling(cfg, task: str, section: str) -> None:
 
 def query_batches(shard_dir: Path | str, task: str, batch_size: int, cfg, pin_memory: bool = False,
                   decode: Decode = "auto"):
-    """The train split's batches as the loop section `cfg` (pretrain or train) says: for `fit`, an iterator, or
-    with pair_sampling per_iteration a function of the first step (so a resumed run draws on where it stopped).
+    """The train split's batches as the loop section `cfg` (pretrain or train) says, for `fit`: a stream whose
+    position a checkpoint saves and a resumed run restores (stages.shards.resumable).
     decode (stages.shards.loaders.decode_device): auto decodes JPEG shards on the GPU when the step runs on
     CUDA (`cfg.device`, the current CUDA device of this process), anything else on the CPU workers."""
     decode_on = decode_device(decode, step_device(cfg.device), shard_dir, "train",
@@ -119,8 +118,8 @@ def query_batches(shard_dir: Path | str, task: str, batch_size: int, cfg, pin_me
         return matching_batches(shard_dir, "train", batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers,
                                 pin_memory=pin_memory, decode_on=decode_on)
     if cfg.pair_sampling == "per_iteration":
-        return lambda start: per_iteration_batches(shard_dir, "train", batch_size, cfg.seed, cfg.workers, start,
-                                                   cfg.steps, pin_memory=pin_memory, decode_on=decode_on)
+        return per_iteration_batches(shard_dir, "train", batch_size, cfg.seed, cfg.workers, cfg.steps,
+                                     pin_memory=pin_memory, decode_on=decode_on)
     return training_batches(shard_dir, "train", batch_size, cfg.shuffle_buffer, cfg.seed, cfg.workers,
                             pin_memory=pin_memory, decode_on=decode_on)
 

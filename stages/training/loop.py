@@ -31,6 +31,7 @@ from stages.training.selection import SELECTIONS
 from stages.common import distributed
 from stages.common.atomic import atomic_path, partial_dir, staged_dir
 from stages.common.distributed import DistributedConfig
+from stages.common.errors import StageError
 from stages.common.device import DeviceName
 from stages.common.params import ParamsError, require, section
 
@@ -105,6 +106,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def random_state(generators: dict[str, torch.Generator]) -> dict:
+    """Every random stream of this process a training step can draw from: python's, numpy's, torch's (CPU and each
+    CUDA device) global RNGs and the stage's own generators (GA's noise, drawn negatives)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                      "has_gauss": has_gauss, "cached": cached},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "generators": {name: g.get_state() for name, g in generators.items()}}
+
+
+def restore_random_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    """The streams as random_state saw them; a generator the checkpoint lacks (or has in excess) is an error."""
+    if set(state["generators"]) != set(generators):
+        raise ValueError(f"the checkpoint's random streams {sorted(state['generators'])} are not this run's "
+                         f"{sorted(generators)}")
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+
+
 def fingerprint(*parts: object) -> str:
     """A short hash of everything a run depends on, naming its resumable work directory."""
     text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
@@ -160,15 +190,6 @@ def saved_curves(live_dir: Path) -> dict[str, str]:
             for path in sorted(live_dir.rglob("*")) if path.is_file()} if live_dir.exists() else {}
 
 
-def forget_logs_after(live_dir: Path, step: int) -> None:
-    """Drop the dvclive rows a crashed run logged after its last checkpoint; the resumed run redoes them."""
-    for tsv in (live_dir / "plots" / "metrics").glob("**/*.tsv"):
-        header, *rows = tsv.read_text().splitlines()
-        kept = [row for row in rows if int(row.split("\t")[0]) <= step]
-        with atomic_path(tsv) as tmp:
-            tmp.write_text("\n".join([header, *kept]) + "\n")
-
-
 def restore_curves(live_dir: Path, curves: dict[str, str]) -> None:
     """The live folder as it was at the checkpoint: DVC removes a stage's outputs before it runs the stage again
     (the folder is a cached output so that the run-cache and `dvc pull` restore it), and rows a crashed run
@@ -205,7 +226,7 @@ def data_parallel(model: torch.nn.Module, step_fn) -> Callable[[dict], tuple[tor
 
 def fit(
     model: torch.nn.Module,
-    batches: Iterator[dict] | Callable[[int], Iterator[dict]],
+    batches: Iterator[dict],
     step_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]],
     cfg: LoopConfig,
     work_dir: Path,
@@ -213,15 +234,20 @@ def fit(
     after_backward: Callable[[torch.nn.Module], None] | None = None,
     validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     live_dir: Path | None = None,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> dict[str, float]:
     """Run cfg.steps optimiser steps; resume from `work_dir/resume.pt` when a crashed run left one.
 
-    `batches` is an iterator, or a function of the first step that returns one (a sampler that can resume
-    where the crashed run stopped). Logs loss, learning rate and validation scores with dvclive under `live_dir`
-    (default `work_dir/live`), as they come: a stage gives a folder outside its staged output, so `dvc plots show`
+    A resumed run ends with the same bytes as an uninterrupted one: the checkpoint holds the weights, optimisers,
+    schedulers, EMA, selection, curves, the running loss, every random stream of every process (random_state, with
+    `generators`, the stage's own: GA's noise, drawn negatives) and the position of `batches`.
+    `batches` is a stream with state_dict / load_state_dict (stages.shards.resumable), or a plain iterator that the
+    caller has already placed at the checkpoint's step (tests).
+    Logs loss, learning rate and validation scores with dvclive under `live_dir` (default `work_dir/live`), as they come: a stage gives a folder outside its staged output, so `dvc plots show`
     reads the curves while it runs; a fresh run starts the folder anew, a resumed one continues the curves its
     checkpoint holds.
-    Returns a one-line summary.
+    Returns a one-line summary (steps run here, seconds, the last validation, resumed_from_step: None or the
+    checkpoint's step).
     `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
     `validate(model)` (None: no validation) scores the weights every cfg.eval_every steps and at the end,
     {metric: score}, higher is better; with cfg.selection other than "last", the weights with the best score of
@@ -238,10 +264,11 @@ def fit(
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     main = distributed.rank() == 0
     resume_file = work_dir / "resume.pt"
-    start = 0
+    start, loss_count, scores = 0, 0, {}
     # rank 0 reads the checkpoint and hands it to the others: it resumes on any number of processes
     state = torch.load(resume_file, map_location="cpu", weights_only=True) if main and resume_file.exists() else None
     state = distributed.broadcast(state)
+    generators = dict(generators or {})
     if state is not None:
         model.load_state_dict(state["model"])
         for (o, sched), o_state, s_state in zip(optimizers, state["optimizers"], state["schedulers"]):
@@ -250,30 +277,33 @@ def fit(
         selected = state["selected"]
         if ema is not None:
             ema.shadow = {k: v.to(next(model.parameters()).device) for k, v in state["ema"].items()}
-        torch.set_rng_state(state["rng"])
         start = state["step"]
+        if "ranks" not in state:  # written by cirflow before checkpoints held every stream
+            raise StageError(f"{resume_file}: a checkpoint of an older cirflow (no data position or random streams): "
+                             f"its run cannot go on as an uninterrupted one would; delete {work_dir} to start afresh")
+        if len(state["ranks"]) != distributed.size():
+            raise StageError(f"{resume_file}: written by {len(state['ranks'])} processes, resumed on "
+                             f"{distributed.size()}: each process's data and random streams are its own")
+        mine = state["ranks"][distributed.rank()]
+        restore_random_state(mine["random"], generators)
+        if hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(mine["data"])
+        loss_sum, loss_count, scores = state["loss_sum"], state["loss_count"], state["scores"]
         if main:
-            if "curves" in state:
-                restore_curves(live_dir, state["curves"])
-            else:  # written by cirflow before checkpoints held the curves
-                forget_logs_after(live_dir, start)
-                print(f"{name}: {resume_file} holds no curves (an older checkpoint): the curves before step "
-                      f"{start} are what {live_dir} still has")
+            restore_curves(live_dir, state["curves"])
             print(f"{name}: resuming at step {start} from {resume_file}")
-    if callable(batches):
-        batches = batches(start)
     if main and start == 0 and live_dir.exists():  # a new run: the curves of an earlier one go
         shutil.rmtree(live_dir)
     live = Live(dir=str(live_dir), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None) if main else None
     if main:  # the stage's declared plots folder exists even when nothing is logged (train.steps 0)
         (live_dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
-    scores: dict[str, float] = {}
     model.train()
     step_once = data_parallel(model, step_fn)
     # the running loss stays on the device and is read at log and checkpoint steps only: reading it
     # every step would make the host wait for the GPU each step
     device = next(model.parameters()).device
-    began, loss_sum, loss_count = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0
+    began = time.time()
+    loss_sum = loss_sum.to(device) if state is not None else torch.zeros((), dtype=torch.float64, device=device)
     progress = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps, mininterval=2, disable=not main)
     for step in progress:
         batch = next(batches)
@@ -332,12 +362,16 @@ def fit(
                 live.next_step()
                 progress.set_postfix(loss=f"{mean_loss:.3f}")
             loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+        if checkpoint_now:  # every process's streams, gathered in rank order (a collective: all ranks are here)
+            ranks = distributed.gather_objects([{"random": random_state(generators),
+                                                 "data": batches.state_dict() if hasattr(batches, "state_dict") else None}])
         if main and checkpoint_now:
             with atomic_path(resume_file) as tmp:
                 torch.save({"model": model.state_dict(), "optimizers": [o.state_dict() for o, _ in optimizers],
                             "schedulers": [sched.state_dict() for _, sched in optimizers],
-                            "rng": torch.get_rng_state(), "step": step + 1, "selected": selected,
-                            "ema": ema.shadow if ema is not None else None, "curves": saved_curves(live_dir)}, tmp)
+                            "step": step + 1, "selected": selected, "ema": ema.shadow if ema is not None else None,
+                            "curves": saved_curves(live_dir), "loss_sum": loss_sum.cpu(), "loss_count": loss_count,
+                            "scores": scores, "ranks": ranks}, tmp)
     if main:
         live.end()
     if ema is not None:  # the averaged weights are the model that is saved and evaluated
@@ -349,7 +383,8 @@ def fit(
         resume_file.unlink()
     seconds = time.time() - began
     summary = {"steps": cfg.steps - start, "seconds": round(seconds, 1),
-               "steps_per_s": round((cfg.steps - start) / max(seconds, 1e-9), 2)}
+               "steps_per_s": round((cfg.steps - start) / max(seconds, 1e-9), 2),
+               "resumed_from_step": start or None}
     summary.update({metric: round(value, 2) for metric, value in scores.items()})  # the last validation
     if cfg.selection != "last":
         summary.update(selected_step=selected["step"], **{f"selected_{cfg.selection}": round(selected["score"], 2)})

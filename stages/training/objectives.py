@@ -15,7 +15,6 @@ Image-text matching (model dual_encoder):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
@@ -185,9 +184,23 @@ def check_ga_task(ga: GAConfig, task: str) -> None:
                           f"task is '{task}' (ga.isotropic works for any task)")
 
 
-def isotropic_noise(ga: GAConfig, seed: int) -> Callable[[torch.nn.Module], None] | None:
-    """The `after_backward` hook adding GA's isotropic gradient noise, or None when it is off."""
-    if not ga.isotropic:
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    return lambda model: isotropic_gradient_noise(model, ga.isotropic_weight, ga.isotropic_mode, generator)
+class IsotropicNoise:
+    """The `after_backward` hook adding GA's isotropic gradient noise; `generator` is its random stream (a
+    checkpoint saves its state)."""
+
+    def __init__(self, ga: GAConfig, seed: int):
+        self.ga, self.generator = ga, torch.Generator().manual_seed(seed)
+
+    def __call__(self, model: torch.nn.Module) -> None:
+        isotropic_gradient_noise(model, self.ga.isotropic_weight, self.ga.isotropic_mode, self.generator)
+
+
+def isotropic_noise(ga: GAConfig, seed: int) -> IsotropicNoise | None:
+    """GA's isotropic noise hook, or None when it is off."""
+    return IsotropicNoise(ga, seed) if ga.isotropic else None
+
+
+def random_streams(**owners) -> dict[str, torch.Generator]:
+    """{name: owner.generator} of the owners that are not None: the side streams (GA's noise, drawn negatives) a
+    training checkpoint saves beside the global RNGs."""
+    return {name: owner.generator for name, owner in owners.items() if owner is not None}
