@@ -282,8 +282,8 @@ def fit(
             raise StageError(f"{resume_file}: a checkpoint of an older cirflow (no data position or random streams): "
                              f"its run cannot go on as an uninterrupted one would; delete {work_dir} to start afresh")
         if len(state["ranks"]) != distributed.size():
-            raise StageError(f"{resume_file}: written by {len(state['ranks'])} processes, resumed on "
-                             f"{distributed.size()}: each process's data and random streams are its own")
+            raise StageError(f"{resume_file}: a checkpoint of a run on {len(state['ranks'])} process(es), resumed "
+                             f"on {distributed.size()}: each process's data and random streams are its own")
         mine = state["ranks"][distributed.rank()]
         restore_random_state(mine["random"], generators)
         if hasattr(batches, "load_state_dict"):
