@@ -76,3 +76,14 @@ def zip_folder(folder: Path, archive: Path, prefix: str, extra: dict[str, bytes]
                 zf.write(path, f"{prefix}{path.relative_to(folder).as_posix()}")
         for name, data in (extra or {}).items():
             zf.writestr(name, data)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads_restored():
+    """A module that sets torch's thread count (the known-answer tests run on one thread) leaves it as it found it
+    for the next module in the same worker."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
