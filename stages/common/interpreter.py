@@ -1,4 +1,4 @@
-"""A stage started by DVC runs with the Python of the environment `dvc` came from (issue 23, item 5).
+"""A stage started by DVC runs with the Python of the environment `dvc` came from.
 
 DVC runs a stage's `cmd` (`python -m stages.<name> ...`) with `$SHELL -c`, so `python` is whatever comes first on
 PATH: `.venv/bin/dvc repro` without the environment activated starts the system Python, which lacks torch, and it

@@ -98,7 +98,7 @@ class ResumableStream:
             except StopIteration:
                 if not self._yielded:
                     raise ValueError(self.empty) from None
-                self.epoch, self._iterator = self.epoch + 1, None
+                self.epoch, self._loader, self._iterator = self.epoch + 1, None, None
                 continue
             except BaseException:
                 self.close()
@@ -154,9 +154,7 @@ class StepStream:
                                                   sampler=range(self.step, self.steps)))
         try:
             batch = next(self._iterator)
-        except StopIteration:
-            raise
-        except BaseException:
+        except BaseException:  # the last step drawn, or a failing worker: stop the workers now
             self.close()
             raise
         self.step += 1

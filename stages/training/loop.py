@@ -243,9 +243,9 @@ def fit(
     `generators`, the stage's own: GA's noise, drawn negatives) and the position of `batches`.
     `batches` is a stream with state_dict / load_state_dict (stages.shards.resumable), or a plain iterator that the
     caller has already placed at the checkpoint's step (tests).
-    Logs loss, learning rate and validation scores with dvclive under `live_dir` (default `work_dir/live`), as they come: a stage gives a folder outside its staged output, so `dvc plots show`
-    reads the curves while it runs; a fresh run starts the folder anew, a resumed one continues the curves its
-    checkpoint holds.
+    Logs loss, learning rate and validation scores with dvclive under `live_dir` (default `work_dir/live`), as they
+    come: a stage gives a folder outside its staged output, so `dvc plots show` reads the curves while it runs; a
+    fresh run starts the folder anew, a resumed one continues the curves its checkpoint holds.
     Returns a one-line summary (steps run here, seconds, the last validation, resumed_from_step: None or the
     checkpoint's step).
     `after_backward(model)` runs between backward and the optimiser step (e.g. GA's isotropic noise).
@@ -265,25 +265,27 @@ def fit(
     main = distributed.rank() == 0
     resume_file = work_dir / "resume.pt"
     start, loss_count, scores = 0, 0, {}
-    # rank 0 reads the checkpoint and hands it to the others: it resumes on any number of processes
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    # rank 0 reads the checkpoint and hands it to the others; each takes its own streams from it
     state = torch.load(resume_file, map_location="cpu", weights_only=True) if main and resume_file.exists() else None
     state = distributed.broadcast(state)
     generators = dict(generators or {})
     if state is not None:
-        model.load_state_dict(state["model"])
-        for (o, sched), o_state, s_state in zip(optimizers, state["optimizers"], state["schedulers"]):
-            o.load_state_dict(o_state)
-            sched.load_state_dict(s_state)
-        selected = state["selected"]
-        if ema is not None:
-            ema.shadow = {k: v.to(next(model.parameters()).device) for k, v in state["ema"].items()}
-        start = state["step"]
         if "ranks" not in state:  # written by cirflow before checkpoints held every stream
             raise StageError(f"{resume_file}: a checkpoint of an older cirflow (no data position or random streams): "
                              f"its run cannot go on as an uninterrupted one would; delete {work_dir} to start afresh")
         if len(state["ranks"]) != distributed.size():
             raise StageError(f"{resume_file}: a checkpoint of a run on {len(state['ranks'])} process(es), resumed "
                              f"on {distributed.size()}: each process's data and random streams are its own")
+        model.load_state_dict(state["model"])
+        for (o, sched), o_state, s_state in zip(optimizers, state["optimizers"], state["schedulers"]):
+            o.load_state_dict(o_state)
+            sched.load_state_dict(s_state)
+        selected = state["selected"]
+        if ema is not None:
+            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        start = state["step"]
         mine = state["ranks"][distributed.rank()]
         restore_random_state(mine["random"], generators)
         if hasattr(batches, "load_state_dict"):
@@ -301,9 +303,7 @@ def fit(
     step_once = data_parallel(model, step_fn)
     # the running loss stays on the device and is read at log and checkpoint steps only: reading it
     # every step would make the host wait for the GPU each step
-    device = next(model.parameters()).device
-    began = time.time()
-    loss_sum = loss_sum.to(device) if state is not None else torch.zeros((), dtype=torch.float64, device=device)
+    began, loss_sum = time.time(), loss_sum.to(device)
     progress = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps, mininterval=2, disable=not main)
     for step in progress:
         batch = next(batches)
